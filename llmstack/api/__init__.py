@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API server: protocol models, routing table, serving logic, app."""

@@ -1,0 +1,119 @@
+"""The OpenAI-compatible HTTP app: routes only; the work lives in `serving`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from ..errors import NotFound
+from ..service import StreamingResponseWithDisconnect, check_bearer, install_error_handlers
+from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .routing import RoutingTable
+from .serving import Completions, Embeddings, WorkerStream
+
+log = logging.getLogger("llmstack.api")
+
+
+@dataclass
+class APISettings:
+    controller_address: str = "http://127.0.0.1:21001"
+    api_keys: list[str] = field(default_factory=list)
+    cluster_token: str | None = None
+    sync_interval: float = 1.0
+    failure_cooldown: float = 5.0
+    request_timeout: float = 600.0
+    max_attempts: int = 3
+
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def build_api_app(settings: APISettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # one pooled client for the process; generous limits since every request is one worker hop
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.request_timeout, connect=3.0),
+            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
+        )
+        router = RoutingTable(
+            settings.controller_address,
+            client,
+            sync_interval=settings.sync_interval,
+            failure_cooldown=settings.failure_cooldown,
+            cluster_token=settings.cluster_token,
+        )
+        await router.sync_once()
+        workers = WorkerStream(router, client, settings.max_attempts)
+        app.state.router = router
+        app.state.completions = Completions(workers)
+        app.state.embeddings = Embeddings(workers)
+        sync = asyncio.create_task(router.run())
+        try:
+            yield
+        finally:
+            sync.cancel()
+            await client.aclose()
+
+    app = FastAPI(title="llmstack OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+
+    def require_key(request: Request) -> None:
+        check_bearer(request, settings.api_keys)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+    @v1.get("/models")
+    async def list_models(request: Request) -> dict:
+        return {"object": "list", "data": [_model_card(name) for name in request.app.state.router.models()]}
+
+    @v1.get("/models/{model:path}")
+    async def get_model(model: str, request: Request) -> dict:
+        if model not in request.app.state.router.models():
+            raise NotFound(f"The model '{model}' does not exist.", param="model")
+        return _model_card(model)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):  # noqa: ANN201
+        completions: Completions = request.app.state.completions
+        if req.stream:
+            stream = await completions.chat_stream(req)
+            return StreamingResponseWithDisconnect(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
+        return JSONResponse(await completions.chat(req))
+
+    @v1.post("/completions")
+    async def completions_(req: CompletionRequest, request: Request):  # noqa: ANN201
+        completions: Completions = request.app.state.completions
+        if req.stream:
+            stream = await completions.complete_stream(req)
+            return StreamingResponseWithDisconnect(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
+        return JSONResponse(await completions.complete(req))
+
+    @v1.post("/embeddings")
+    async def embeddings(req: EmbeddingRequest, request: Request) -> JSONResponse:
+        return JSONResponse(await request.app.state.embeddings.create(req))
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health(request: Request) -> dict:
+        router: RoutingTable = request.app.state.router
+        age = None if router.last_sync is None else round(time.monotonic() - router.last_sync, 3)
+        return {"status": "ok", "models": sorted(router.models()), "routing_table_age": age}
+
+    return app
+
+
+_STARTED = int(time.time())
+
+
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": _STARTED, "owned_by": "llmstack"}

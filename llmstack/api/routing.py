@@ -1,0 +1,129 @@
+"""The API server's routing table: synced from the controller, dispatched locally.
+
+Requests cost one hop (API server -> worker): the table is refreshed in the background, the
+dispatch policy runs here with this server's own in-flight counts, and a worker that refuses
+connections is taken out of rotation at once instead of waiting for its heartbeats to lapse.
+If the controller is unreachable the last table is kept, so serving goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from ..dispatch import Candidate, choose
+from ..errors import NotFound, ServiceUnavailable
+from ..wire import DispatchMethod, WorkerEntry, WorkerTable
+
+log = logging.getLogger("llmstack.api.routing")
+
+
+@dataclass
+class Route:
+    entry: WorkerEntry
+    inflight: int = 0
+
+    @property
+    def address(self) -> str:
+        return self.entry.worker_address
+
+
+class RoutingTable:
+    def __init__(
+        self,
+        controller_address: str,
+        client: httpx.AsyncClient,
+        *,
+        sync_interval: float = 1.0,
+        failure_cooldown: float = 5.0,
+        cluster_token: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.controller_address = controller_address.rstrip("/")
+        self.client = client
+        self.sync_interval = sync_interval
+        self.failure_cooldown = failure_cooldown
+        self.headers = {"Authorization": f"Bearer {cluster_token}"} if cluster_token else {}
+        self.clock = clock
+        self.rng = random.Random()
+        self.dispatch_method: DispatchMethod = "shortest_queue"
+        self.routes: dict[str, Route] = {}
+        self.by_model: dict[str, list[Route]] = {}
+        self.known_models: set[str] = set()
+        self.failed_at: dict[str, float] = {}
+        self.last_sync: float | None = None
+        self.failovers = 0
+
+    # -- syncing ---------------------------------------------------------------------------------------
+    async def sync_once(self) -> bool:
+        try:
+            resp = await self.client.get(f"{self.controller_address}/workers", headers=self.headers, timeout=2.0)
+            resp.raise_for_status()
+            table = WorkerTable.model_validate_json(resp.content)
+        except Exception as exc:  # keep the last table; serving continues without the controller
+            log.debug("routing sync failed: %s", exc)
+            return False
+        self.apply(table)
+        return True
+
+    def apply(self, table: WorkerTable) -> None:
+        self.dispatch_method = table.dispatch_method
+        routes: dict[str, Route] = {}
+        for entry in table.workers:
+            old = self.routes.get(entry.worker_address)
+            if old is not None and old.entry.worker_id != entry.worker_id:
+                self.failed_at.pop(entry.worker_address, None)  # a new process took the address
+            routes[entry.worker_address] = Route(entry, old.inflight if old else 0)
+        by_model: dict[str, list[Route]] = {}
+        for route in routes.values():
+            for name in route.entry.model_names:
+                by_model.setdefault(name, []).append(route)
+        self.routes, self.by_model = routes, by_model
+        self.known_models |= by_model.keys()
+        self.last_sync = self.clock()
+
+    async def run(self) -> None:
+        while True:
+            await self.sync_once()
+            await asyncio.sleep(self.sync_interval)
+
+    # -- dispatch ---------------------------------------------------------------------------------------
+    def models(self) -> dict[str, WorkerEntry]:
+        return {name: routes[0].entry for name, routes in sorted(self.by_model.items())}
+
+    def context_length(self, model: str) -> int | None:
+        routes = self.by_model.get(model)
+        return routes[0].entry.context_length if routes else None
+
+    def pick(self, model: str, exclude: set[str] = frozenset()) -> Route:  # type: ignore[assignment]
+        routes = self.by_model.get(model)
+        if not routes:
+            if model in self.known_models:
+                raise ServiceUnavailable(f"No worker is serving '{model}' right now; try again shortly.")
+            raise NotFound(f"The model '{model}' does not exist.", param="model")
+        now = self.clock()
+        usable = [
+            r
+            for r in routes
+            if r.address not in exclude and now - self.failed_at.get(r.address, -1e18) >= self.failure_cooldown
+        ]
+        if not usable:
+            raise ServiceUnavailable(f"All workers for '{model}' are unavailable right now; try again shortly.")
+        candidates = [
+            Candidate(r.address, r.entry.status.speed, max(r.inflight, r.entry.status.queue_length)) for r in usable
+        ]
+        address = choose(candidates, self.dispatch_method, self.rng).address
+        return self.routes[address]
+
+    def mark_failed(self, route: Route, reason: str) -> None:
+        self.failed_at[route.address] = self.clock()
+        log.warning("worker %s failed (%s); out of rotation for %.0fs", route.address, reason, self.failure_cooldown)
+
+    def mark_ok(self, route: Route) -> None:
+        self.failed_at.pop(route.address, None)

@@ -1,0 +1,341 @@
+"""The work behind each /v1 endpoint: one hop to a worker, failover before the first token, and
+OpenAI-shaped responses and SSE chunks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from ..errors import LLMStackError, ServiceUnavailable, WorkerError
+from ..service import REQUEST_ID_HEADER, request_id_var
+from ..wire import EmbedReply, SamplingParams
+from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .routing import Route, RoutingTable
+
+log = logging.getLogger("llmstack.api")
+
+_RETRYABLE_STATUS = {429, 502, 503}
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+class WorkerStream:
+    """Events from one generation on some worker.  Until the first event arrives, a worker that cannot
+    be reached, is overloaded or breaks off is replaced by another one of the same model."""
+
+    def __init__(self, router: RoutingTable, client: httpx.AsyncClient, max_attempts: int = 3) -> None:
+        self.router = router
+        self.client = client
+        self.max_attempts = max_attempts
+
+    async def events(self, model: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        tried: set[str] = set()
+        last_error: LLMStackError | None = None
+        headers = {REQUEST_ID_HEADER: request_id_var.get()}
+        for _ in range(self.max_attempts):
+            try:
+                route = self.router.pick(model, tried)
+            except ServiceUnavailable:
+                if last_error is not None:
+                    raise last_error from None
+                raise
+            tried.add(route.address)
+            route.inflight += 1
+            started = False
+            try:
+                request = self.client.build_request("POST", f"{route.address}/generate", json=body, headers=headers)
+                response = await self.client.send(request, stream=True)
+                try:
+                    if response.status_code != 200:
+                        error = _error_from(await response.aread(), response.status_code)
+                        if response.status_code in _RETRYABLE_STATUS:
+                            last_error = error
+                            continue
+                        raise error
+                    async for line in response.aiter_lines():
+                        if not line:
+                            continue
+                        event = json.loads(line)
+                        started = True
+                        yield event
+                    self.router.mark_ok(route)
+                    return
+                finally:
+                    await response.aclose()
+            except (httpx.TransportError, json.JSONDecodeError) as exc:
+                self.router.mark_failed(route, type(exc).__name__)
+                if started:
+                    raise WorkerError(f"the worker serving '{model}' failed during generation; try again") from exc
+                self.router.failovers += 1
+                last_error = ServiceUnavailable(f"the worker for '{model}' could not be reached")
+            finally:
+                route.inflight -= 1
+        raise last_error or ServiceUnavailable(f"no worker could serve '{model}'")
+
+    async def post(self, model: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        tried: set[str] = set()
+        last_error: LLMStackError | None = None
+        headers = {REQUEST_ID_HEADER: request_id_var.get()}
+        for _ in range(self.max_attempts):
+            try:
+                route: Route = self.router.pick(model, tried)
+            except ServiceUnavailable:
+                if last_error is not None:
+                    raise last_error from None
+                raise
+            tried.add(route.address)
+            route.inflight += 1
+            try:
+                response = await self.client.post(f"{route.address}{path}", json=body, headers=headers)
+            except httpx.TransportError as exc:
+                self.router.mark_failed(route, type(exc).__name__)
+                self.router.failovers += 1
+                last_error = ServiceUnavailable(f"the worker for '{model}' could not be reached")
+                continue
+            finally:
+                route.inflight -= 1
+            if response.status_code == 200:
+                return response.json()
+            error = _error_from(response.content, response.status_code)
+            if response.status_code not in _RETRYABLE_STATUS:
+                raise error
+            last_error = error
+        raise last_error or ServiceUnavailable(f"no worker could serve '{model}'")
+
+
+def _error_from(content: bytes, status: int) -> LLMStackError:
+    try:
+        return LLMStackError.from_body(json.loads(content), status)
+    except (ValueError, AttributeError):
+        return WorkerError(f"worker answered HTTP {status}")
+
+
+class Completions:
+    """Chat and text completions over the worker stream."""
+
+    def __init__(self, workers: WorkerStream) -> None:
+        self.workers = workers
+
+    # -- chat -------------------------------------------------------------------------------------------------
+    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        params = req.to_sampling_params()
+        body = {"model": req.model, "messages": req.template_messages(), "params": params.model_dump()}
+        texts, finishes, usage = await _collect(self.workers.events(req.model, body), params.n)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": texts[i], "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": finishes[i],
+                }
+                for i in range(params.n)
+            ],
+            "usage": _usage(usage),
+        }
+
+    async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
+        params = req.to_sampling_params()
+        body = {"model": req.model, "messages": req.template_messages(), "params": params.model_dump()}
+        events = self.workers.events(req.model, body)
+        first = await _first_event(events)  # errors before the first token become an HTTP error
+        return self._chat_sse(req, params, first, events)
+
+    async def _chat_sse(
+        self, req: ChatCompletionRequest, params: SamplingParams, first: dict[str, Any] | None, events: Any
+    ) -> AsyncIterator[bytes]:
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": req.model,
+            "system_fingerprint": None,
+        }
+        usage_field = {"usage": None} if req.include_usage else {}
+
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return _sse({**base, "choices": [choice], **usage_field})
+
+        for i in range(params.n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for event in _chain(first, events):
+            if "usage" in event:
+                if req.include_usage:
+                    yield _sse({**base, "choices": [], "usage": _usage(event["usage"])})
+            elif "error" in event:
+                yield _sse(event)
+                break
+            else:
+                if event["text"]:
+                    yield chunk(event["index"], {"content": event["text"]})
+                if event.get("finish_reason"):
+                    yield chunk(event["index"], {}, event["finish_reason"])
+        yield _DONE
+
+    # -- completions ----------------------------------------------------------------------------------------
+    def _completion_bodies(self, req: CompletionRequest) -> list[dict[str, Any]]:
+        params = req.to_sampling_params().model_dump()
+        return [{"model": req.model, "prompt": p, "params": params, "echo": req.echo} for p in req.prompts]
+
+    async def complete(self, req: CompletionRequest) -> dict[str, Any]:
+        n = req.n
+        choices: list[dict[str, Any]] = []
+        prompt_tokens = completion_tokens = 0
+        for p_index, body in enumerate(self._completion_bodies(req)):
+            texts, finishes, usage = await _collect(self.workers.events(req.model, body), n)
+            prompt_tokens += usage["prompt_tokens"]
+            completion_tokens += usage["completion_tokens"]
+            for i in range(n):
+                choices.append(
+                    {"index": p_index * n + i, "text": texts[i], "logprobs": None, "finish_reason": finishes[i]}
+                )
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "system_fingerprint": None,
+            "choices": choices,
+            "usage": _usage({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}),
+        }
+
+    async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[bytes]:
+        bodies = self._completion_bodies(req)
+        streams = [self.workers.events(req.model, b) for b in bodies]
+        first = await _first_event(streams[0])
+        return self._completion_sse(req, first, streams)
+
+    async def _completion_sse(self, req: CompletionRequest, first: Any, streams: list[Any]) -> AsyncIterator[bytes]:
+        base = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "system_fingerprint": None,
+        }
+        usage_field = {"usage": None} if req.include_usage else {}
+        totals = {"prompt_tokens": 0, "completion_tokens": 0}
+        for p_index, stream in enumerate(streams):
+            source = _chain(first, stream) if p_index == 0 else stream
+            try:
+                async for event in source:
+                    if "usage" in event:
+                        totals["prompt_tokens"] += event["usage"]["prompt_tokens"]
+                        totals["completion_tokens"] += event["usage"]["completion_tokens"]
+                    elif "error" in event:
+                        yield _sse(event)
+                        yield _DONE
+                        return
+                    elif event["text"] or event.get("finish_reason"):
+                        choice = {
+                            "index": p_index * req.n + event["index"],
+                            "text": event["text"],
+                            "logprobs": None,
+                            "finish_reason": event.get("finish_reason"),
+                        }
+                        yield _sse({**base, "choices": [choice], **usage_field})
+            except LLMStackError as exc:
+                yield _sse(exc.to_body(request_id_var.get()))
+                yield _DONE
+                return
+        if req.include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(totals)})
+        yield _DONE
+
+
+async def _first_event(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
+    """Pull the first event so failures before any output surface as a proper HTTP error."""
+    try:
+        event = await anext(events)
+    except StopAsyncIteration:
+        return None
+    if "error" in event:
+        await events.aclose()
+        raise LLMStackError.from_body(event)
+    return event
+
+
+async def _chain(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    try:
+        if first is not None:
+            yield first
+        async for event in rest:
+            yield event
+    except LLMStackError as exc:  # the worker died mid-stream: end with a proper error event
+        yield exc.to_body(request_id_var.get())
+    finally:
+        await rest.aclose()
+
+
+async def _collect(events: AsyncIterator[dict[str, Any]], n: int) -> tuple[list[str], list[str], dict[str, int]]:
+    parts: list[list[str]] = [[] for _ in range(n)]
+    finishes = ["stop"] * n
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    async for event in events:
+        if "usage" in event:
+            usage = event["usage"]
+        elif "error" in event:
+            raise LLMStackError.from_body(event)
+        else:
+            parts[event["index"]].append(event["text"])
+            if event.get("finish_reason"):
+                finishes[event["index"]] = event["finish_reason"]
+    return ["".join(p) for p in parts], finishes, usage
+
+
+def _usage(usage: dict[str, int]) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage["prompt_tokens"],
+        "completion_tokens": usage["completion_tokens"],
+        "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+    }
+
+
+class Embeddings:
+    def __init__(self, workers: WorkerStream) -> None:
+        self.workers = workers
+
+    async def create(self, req: EmbeddingRequest) -> dict[str, Any]:
+        reply = EmbedReply.model_validate(await self.workers.post(req.model, "/embeddings", {"input": req.inputs}))
+        dims = len(reply.embeddings[0]) if reply.embeddings else 0
+        if req.dimensions is not None and req.dimensions != dims:
+            raise LLMStackError.from_body(
+                {
+                    "error": {
+                        "type": "invalid_request_error",
+                        "message": f"this model only returns {dims} dimensions",
+                        "param": "dimensions",
+                    }
+                }
+            )
+        data = []
+        for i, vector in enumerate(reply.embeddings):
+            value: Any = vector
+            if req.encoding_format == "base64":
+                value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        return {
+            "object": "list",
+            "data": data,
+            "model": req.model,
+            "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens},
+        }

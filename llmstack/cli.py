@@ -1,0 +1,277 @@
+"""The `llmstack` command line.  Thin: parse flags, build settings, call into the services."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="llmstack",
+    help="A self-hosted, OpenAI-compatible LLM service: controller, model workers, API server.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+# -- options shared by several commands (defined once) ----------------------------------------------------
+Host = Annotated[str, typer.Option("--host", help="Address to bind. Loopback unless you mean to expose it.")]
+SSL = Annotated[bool, typer.Option("--ssl", help="Serve HTTPS (cert/key from flags or LLMSTACK_SSL_*).")]
+SSLCert = Annotated[str | None, typer.Option("--ssl-certfile", envvar="LLMSTACK_SSL_CERTFILE")]
+SSLKey = Annotated[str | None, typer.Option("--ssl-keyfile", envvar="LLMSTACK_SSL_KEYFILE")]
+ControllerAddress = Annotated[
+    str, typer.Option("--controller-address", envvar="LLMSTACK_CONTROLLER", help="Controller URL.")
+]
+ClusterToken = Annotated[
+    str | None,
+    typer.Option("--cluster-token", envvar="LLMSTACK_CLUSTER_TOKEN", help="Shared secret for worker registration."),
+]
+Debug = Annotated[bool, typer.Option("--debug", help="Verbose logs.")]
+DrainTimeout = Annotated[float, typer.Option("--drain-timeout", help="Seconds to finish in-flight work on stop.")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _tls(ssl: bool, certfile: str | None, keyfile: str | None):  # noqa: ANN202
+    from .service import TLSFiles
+
+    try:
+        return TLSFiles.resolve(ssl, certfile, keyfile)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _check_port(host: str, port: int) -> None:
+    from .service import check_port_free
+
+    try:
+        check_port_free(host, port)
+    except OSError as exc:
+        _fail(f"{exc} (is another llmstack or program using it?)")
+
+
+@app.command(epilog="Example: llmstack controller --port 21001 --dispatch-method shortest_queue")
+def controller(
+    host: Host = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 21001,
+    dispatch_method: Annotated[
+        str, typer.Option("--dispatch-method", help="lottery (random by speed) or shortest_queue.")
+    ] = "shortest_queue",
+    heartbeat_expiry: Annotated[
+        float, typer.Option(help="Seconds without heartbeat before a worker is dropped.")
+    ] = 10.0,
+    cluster_token: ClusterToken = None,
+    ssl: SSL = False,
+    ssl_certfile: SSLCert = None,
+    ssl_keyfile: SSLKey = None,
+    debug: Debug = False,
+) -> None:
+    """Run the controller: the registry of workers and their heartbeats."""
+    from .controller import ControllerSettings, build_controller_app
+    from .service import is_loopback, serve, setup_logging
+
+    if dispatch_method not in ("lottery", "shortest_queue"):
+        _fail(f"--dispatch-method must be lottery or shortest_queue, not {dispatch_method!r}")
+    tls = _tls(ssl, ssl_certfile, ssl_keyfile)
+    setup_logging("controller", debug=debug)
+    if not is_loopback(host) and not cluster_token:
+        typer.secho(
+            f"warning: the controller listens on {host} without --cluster-token: anyone who can reach it can "
+            "register workers",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    _check_port(host, port)
+    settings = ControllerSettings(dispatch_method, heartbeat_expiry, cluster_token)  # type: ignore[arg-type]
+    serve(build_controller_app(settings), host=host, port=port, tls=tls)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  llmstack worker --model-path ./Qwen2.5-0.5B-Instruct --device cpu\n\n"
+        "  llmstack worker --model-path baichuan-inc/Baichuan2-13B-Chat --load-8bit --trust-remote-code "
+        "--model-names Baichuan2-13B-Chat"
+    )
+)
+def worker(
+    model_path: Annotated[str, typer.Option("--model-path", help="Local directory or ModelScope id.")],
+    host: Host = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 21002,
+    worker_address: Annotated[
+        str | None, typer.Option("--worker-address", help="URL the API server uses to reach this worker.")
+    ] = None,
+    controller_address: ControllerAddress = "http://127.0.0.1:21001",
+    revision: Annotated[str | None, typer.Option(help="Model revision (branch, tag or commit).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "auto",
+    gpus: Annotated[str | None, typer.Option(help="GPUs to use, e.g. '0,1' (sets CUDA_VISIBLE_DEVICES).")] = None,
+    num_gpus: Annotated[int, typer.Option("--num-gpus", help="Spread the model over this many GPUs.")] = 1,
+    max_gpu_memory: Annotated[
+        str | None, typer.Option("--max-gpu-memory", help="Per-GPU memory cap for weights, e.g. '20GiB'.")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
+    load_8bit: Annotated[bool, typer.Option("--load-8bit", help="Quantize weights to 8 bits (bitsandbytes).")] = False,
+    cpu_offloading: Annotated[
+        bool, typer.Option("--cpu-offloading", help="With --load-8bit: offload what does not fit on GPU to CPU.")
+    ] = False,
+    model_names: Annotated[
+        str | None, typer.Option("--model-names", help="Comma-separated names to serve (aliases).")
+    ] = None,
+    conv_template: Annotated[
+        str | None, typer.Option("--conv-template", help="Fallback chat template, e.g. baichuan2-chat, chatml.")
+    ] = None,
+    limit_worker_concurrency: Annotated[
+        int, typer.Option("--limit-worker-concurrency", help="Requests generating at once; the rest queue.")
+    ] = 5,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Queued requests before answering 429.")] = 256,
+    stream_interval: Annotated[int, typer.Option("--stream-interval", help="Tokens per streamed chunk.")] = 1,
+    no_register: Annotated[bool, typer.Option("--no-register", help="Do not register with a controller.")] = False,
+    seed: Annotated[int | None, typer.Option(help="Global random seed.")] = None,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Run the model repository's own code (Baichuan2 needs it).")
+    ] = False,
+    embed_in_truncate: Annotated[
+        bool, typer.Option("--embed-in-truncate", help="Truncate long embedding input instead of chunking it.")
+    ] = False,
+    heartbeat_interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 3.0,
+    cluster_token: ClusterToken = None,
+    gptq_ckpt: Annotated[str | None, typer.Option("--gptq-ckpt", help="Not needed: see --help-quant.")] = None,
+    gptq_wbits: Annotated[int | None, typer.Option("--gptq-wbits")] = None,
+    gptq_groupsize: Annotated[int | None, typer.Option("--gptq-groupsize")] = None,
+    gptq_act_order: Annotated[bool, typer.Option("--gptq-act-order")] = False,
+    awq_ckpt: Annotated[str | None, typer.Option("--awq-ckpt")] = None,
+    awq_wbits: Annotated[int | None, typer.Option("--awq-wbits")] = None,
+    awq_groupsize: Annotated[int | None, typer.Option("--awq-groupsize")] = None,
+    ssl: SSL = False,
+    ssl_certfile: SSLCert = None,
+    ssl_keyfile: SSLKey = None,
+    drain_timeout: DrainTimeout = 30.0,
+    debug: Debug = False,
+) -> None:
+    """Run a model worker (transformers engine).
+
+    GPTQ/AWQ: point --model-path at a pre-quantized checkpoint (its config.json carries a
+    quantization_config); transformers loads it when gptqmodel/autoawq is installed.  The
+    --gptq-*/--awq-* flags are checked against that checkpoint; separate --*-ckpt files are not used.
+    """
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus  # before torch initialises CUDA
+        if num_gpus > len(gpus.split(",")):
+            _fail(f"--num-gpus {num_gpus} is larger than the number of --gpus given ({gpus})")
+    from .engines.hf import EngineConfigError, HFEngine, HFEngineConfig
+    from .service import serve, setup_logging
+    from .worker import WorkerSettings, build_worker_app
+
+    tls = _tls(ssl, ssl_certfile, ssl_keyfile)
+    setup_logging("worker", debug=debug)
+    _check_port(host, port)
+    names = [n.strip() for n in model_names.split(",") if n.strip()] if model_names else []
+    if not names:
+        names = [os.path.basename(os.path.normpath(model_path))]
+    if worker_address is None:
+        if host in ("0.0.0.0", "::"):
+            _fail("--worker-address is required when binding all interfaces (how should others reach this worker?)")
+        scheme = "https" if tls.certfile else "http"
+        worker_address = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
+    if not model_path.startswith(("/", ".", "~")) and not os.path.isdir(model_path):
+        from .download import DownloadError, resolve_model
+
+        try:
+            model_path = str(resolve_model(model_path, revision=revision))
+        except DownloadError as exc:
+            _fail(str(exc))
+    cfg = HFEngineConfig(
+        model_path=os.path.expanduser(model_path),
+        model_names=names,
+        revision=revision,
+        device=device,
+        num_gpus=num_gpus,
+        max_gpu_memory=max_gpu_memory,
+        dtype=dtype,
+        load_8bit=load_8bit,
+        cpu_offloading=cpu_offloading,
+        conv_template=conv_template,
+        trust_remote_code=trust_remote_code,
+        stream_interval=stream_interval,
+        seed=seed,
+        embed_in_truncate=embed_in_truncate,
+        gptq={"ckpt": gptq_ckpt, "wbits": gptq_wbits, "groupsize": gptq_groupsize, "act_order": gptq_act_order},
+        awq={"ckpt": awq_ckpt, "wbits": awq_wbits, "groupsize": awq_groupsize},
+    )
+    if conv_template:
+        from .engines.templates import get_template
+
+        try:
+            get_template(conv_template)
+        except ValueError as exc:
+            _fail(str(exc))
+    settings = WorkerSettings(
+        worker_address=worker_address,
+        model_names=names,
+        controller_address=None if no_register else controller_address.rstrip("/"),
+        register=not no_register,
+        limit_worker_concurrency=limit_worker_concurrency,
+        max_queue=max_queue,
+        heartbeat_interval=heartbeat_interval,
+        cluster_token=cluster_token,
+        embed_in_truncate=embed_in_truncate,
+    )
+    try:
+        serve(build_worker_app(settings, HFEngine(cfg)), host=host, port=port, tls=tls, drain_timeout=drain_timeout)
+    except EngineConfigError as exc:
+        _fail(str(exc))
+
+
+@app.command(epilog="Example: llmstack api --port 8000 --api-keys sk-one,sk-two")
+def api(
+    host: Host = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    controller_address: ControllerAddress = "http://127.0.0.1:21001",
+    api_keys: Annotated[
+        str | None, typer.Option("--api-keys", envvar="LLMSTACK_API_KEYS", help="Comma-separated Bearer keys.")
+    ] = None,
+    cluster_token: ClusterToken = None,
+    sync_interval: Annotated[float, typer.Option(help="Seconds between routing-table syncs.")] = 1.0,
+    request_timeout: Annotated[float, typer.Option(help="Seconds a request may take end to end.")] = 600.0,
+    ssl: SSL = False,
+    ssl_certfile: SSLCert = None,
+    ssl_keyfile: SSLKey = None,
+    drain_timeout: DrainTimeout = 30.0,
+    debug: Debug = False,
+) -> None:
+    """Run the OpenAI-compatible API server (/v1/models, /v1/chat/completions, /v1/completions,
+    /v1/embeddings)."""
+    from .api.app import APISettings, build_api_app
+    from .service import is_loopback, parse_keys, serve, setup_logging
+
+    tls = _tls(ssl, ssl_certfile, ssl_keyfile)
+    setup_logging("api", debug=debug)
+    keys = parse_keys(api_keys)
+    if not is_loopback(host) and not keys:
+        typer.secho(
+            f"warning: the API server listens on {host} without --api-keys: anyone who can reach it can use it",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    _check_port(host, port)
+    settings = APISettings(
+        controller_address=controller_address,
+        api_keys=keys,
+        cluster_token=cluster_token,
+        sync_interval=sync_interval,
+        request_timeout=request_timeout,
+    )
+    serve(build_api_app(settings), host=host, port=port, tls=tls, drain_timeout=drain_timeout)
+
+
+def main() -> None:
+    app(prog_name="llmstack")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Engines: one small async interface (`base.Engine`), one module per backend."""

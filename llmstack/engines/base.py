@@ -1,0 +1,56 @@
+"""The engine interface the worker's HTTP layer talks to; it never knows which backend runs."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..wire import SamplingParams, WorkerKind
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Text produced since the previous chunk of one sequence; `finish_reason` ends the sequence."""
+
+    text: str
+    tokens: int
+    finish_reason: str | None = None
+
+
+@dataclass
+class EngineStats:
+    waiting: int = 0
+    running: int = 0
+    tokens_per_s: float = 0.0
+
+
+class Engine(abc.ABC):
+    kind: WorkerKind
+    name: str  # e.g. "transformers", "vllm"
+    context_length: int
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Load weights and warm up; called once before serving."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+    @abc.abstractmethod
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt for a chat, through the model's chat template (or a named fallback)."""
+
+    @abc.abstractmethod
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    @abc.abstractmethod
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
+        """Stream one sequence.  Closing the iterator early aborts the generation."""
+
+    @abc.abstractmethod
+    async def embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:
+        """L2-normalised embeddings and the number of tokens consumed."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...

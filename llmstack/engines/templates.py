@@ -1,0 +1,118 @@
+"""Chat prompt rendering: the tokenizer's own chat template first, named fallbacks for models
+without one (selected with `--conv-template`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ConvTemplate:
+    name: str
+    jinja: str
+    stop: list[str] = field(default_factory=list)
+    description: str = ""
+
+
+_SYSTEM_FIRST = "{% set ns = namespace(sys='') %}"
+
+TEMPLATES: dict[str, ConvTemplate] = {
+    t.name: t
+    for t in [
+        ConvTemplate(
+            "chatml",
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+            stop=["<|im_end|>", "<|im_start|>"],
+            description="ChatML (Qwen, Yi, many fine-tunes)",
+        ),
+        ConvTemplate(
+            "baichuan2-chat",
+            # Baichuan2: the system text leads; user turns follow <reserved_106>, assistant turns
+            # <reserved_107> (token ids 195 and 196 in its tokenizer).
+            "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+            "{% elif m['role'] == 'user' %}<reserved_106>{{ m['content'] }}"
+            "{% else %}<reserved_107>{{ m['content'] }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<reserved_107>{% endif %}",
+            stop=["<reserved_106>"],
+            description="Baichuan2-*-Chat (needs --trust-remote-code)",
+        ),
+        ConvTemplate(
+            "llama-2",
+            "{% if messages and messages[0]['role'] == 'system' %}"
+            "{% set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
+            "{% set msgs = messages[1:] %}{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
+            "{% for m in msgs %}{% if m['role'] == 'user' %}"
+            "<s>[INST] {% if loop.first %}{{ sys }}{% endif %}{{ m['content'] }} [/INST]"
+            "{% else %} {{ m['content'] }} </s>{% endif %}{% endfor %}",
+            stop=["[INST]"],
+            description="Llama-2-chat",
+        ),
+        ConvTemplate(
+            "vicuna_v1.1",
+            "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+            "{% set msgs = messages[1:] %}{% else %}A chat between a curious user and an artificial "
+            "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the "
+            "user's questions.{% set msgs = messages %}{% endif %}"
+            "{% for m in msgs %}{% if m['role'] == 'user' %} USER: {{ m['content'] }}"
+            "{% else %} ASSISTANT: {{ m['content'] }}</s>{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %} ASSISTANT:{% endif %}",
+            stop=["USER:"],
+            description="Vicuna v1.1 and FastChat's default",
+        ),
+        ConvTemplate(
+            "plain",
+            "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}",
+            stop=["\nuser:"],
+            description="role: text lines, for base models",
+        ),
+    ]
+}
+ALIASES = {"baichuan2": "baichuan2-chat", "qwen": "chatml", "qwen-7b-chat": "chatml", "vicuna": "vicuna_v1.1"}
+
+
+def get_template(name: str) -> ConvTemplate:
+    key = ALIASES.get(name, name)
+    if key not in TEMPLATES:
+        known = ", ".join(sorted(TEMPLATES))
+        raise ValueError(f"unknown conversation template {name!r}; known templates: {known}")
+    return TEMPLATES[key]
+
+
+def guess_template(model_path: str) -> str:
+    """A fallback for tokenizers that carry no chat template, by the model's name."""
+    lower = model_path.lower()
+    if "baichuan2" in lower:
+        return "baichuan2-chat"
+    if "llama-2" in lower or "llama2" in lower:
+        return "llama-2"
+    if "vicuna" in lower:
+        return "vicuna_v1.1"
+    return "chatml"
+
+
+class ChatRenderer:
+    """Renders messages with the chosen template through the tokenizer's Jinja sandbox."""
+
+    def __init__(self, tokenizer: Any, model_path: str, conv_template: str | None) -> None:
+        self.tokenizer = tokenizer
+        own = getattr(tokenizer, "chat_template", None)
+        if conv_template:
+            self.template: ConvTemplate | None = get_template(conv_template)
+        elif own:
+            self.template = None
+        else:
+            self.template = get_template(guess_template(model_path))
+        self.name = self.template.name if self.template else "tokenizer"
+
+    @property
+    def stop(self) -> list[str]:
+        return list(self.template.stop) if self.template else []
+
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+        if self.template is not None:
+            kwargs["chat_template"] = self.template.jinja
+        return self.tokenizer.apply_chat_template(messages, **kwargs)

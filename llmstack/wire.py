@@ -1,0 +1,157 @@
+"""Internal wire protocol between controller, workers and the API server.
+
+Registration and routing bodies are pydantic models (validated at the boundary).  The generation
+stream is newline-delimited JSON of small dicts (one per event) because it sits on the per-token hot
+path; its shape is documented by the TypedDicts below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NotRequired, TypedDict
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+WorkerKind = Literal["chat", "embedding"]
+DispatchMethod = Literal["lottery", "shortest_queue"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorkerStatus(_Strict):
+    queue_length: int = Field(0, ge=0, description="requests waiting plus running")
+    running: int = Field(0, ge=0)
+    speed: float = Field(1.0, gt=0, description="relative speed used by dispatch (tokens/s when measured)")
+
+
+class WorkerRegistration(_Strict):
+    worker_id: str = Field(min_length=1, max_length=128)
+    worker_address: str = Field(min_length=1, max_length=2048)
+    model_names: list[str] = Field(min_length=1, max_length=64)
+    kind: WorkerKind = "chat"
+    engine: str = "transformers"
+    context_length: int = Field(gt=0)
+    capacity: int = Field(1, gt=0)
+    status: WorkerStatus = WorkerStatus()
+
+    @field_validator("worker_address")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError("must be an http(s) URL with host and port, such as http://127.0.0.1:21002")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("must not carry credentials, a query or a fragment")
+        return value.rstrip("/")
+
+    @field_validator("model_names")
+    @classmethod
+    def _names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not name or len(name) > 256 or name != name.strip():
+                raise ValueError(f"invalid model name {name!r}")
+        if len(set(names)) != len(names):
+            raise ValueError("model names must be unique")
+        return names
+
+
+class Heartbeat(_Strict):
+    worker_id: str
+    worker_address: str
+    status: WorkerStatus
+
+
+class HeartbeatReply(BaseModel):
+    known: bool
+
+
+class Unregister(_Strict):
+    worker_id: str
+    worker_address: str
+
+
+class WorkerEntry(WorkerRegistration):
+    heartbeat_age: float = Field(description="seconds since the last heartbeat, as seen by the controller")
+    registered_at: float
+
+
+class WorkerTable(BaseModel):
+    dispatch_method: DispatchMethod
+    workers: list[WorkerEntry]
+
+
+class Lookup(_Strict):
+    model: str
+
+
+class SamplingParams(BaseModel):
+    """Engine-neutral sampling settings; the API server fills them from an OpenAI request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    n: int = 1
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    params: SamplingParams = SamplingParams()
+    echo: bool = False
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: list[str] = Field(min_length=1)
+    truncate: bool | None = None
+
+
+class EmbedReply(BaseModel):
+    embeddings: list[list[float]]
+    prompt_tokens: int
+
+
+class CountTokensRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+
+
+# -- generation stream events (one JSON object per line) --------------------------------------------
+class TextEvent(TypedDict):
+    """A piece of text for choice `index`; `finish_reason` is set on the choice's last event."""
+
+    index: int
+    text: str
+    tokens: int
+    finish_reason: NotRequired[str | None]
+
+
+class UsageEvent(TypedDict):
+    """The stream's last line: exact token counts over all choices."""
+
+    usage: dict[str, int]
+
+
+class ErrorEvent(TypedDict):
+    """A typed error after the stream started; the body is OpenAI's error envelope."""
+
+    error: dict[str, Any]

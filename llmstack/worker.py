@@ -1,0 +1,325 @@
+"""The model worker: one engine behind a small HTTP API, registered with a controller.
+
+Routes: `POST /generate` (NDJSON stream of deltas), `POST /embeddings`, `POST /count_tokens`,
+`GET /model_details`, `GET /health`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+from .engines.base import Engine
+from .errors import ContextLengthExceeded, InvalidRequest, LLMStackError, Overloaded
+from .service import install_error_handlers
+from .wire import (
+    CountTokensRequest,
+    EmbedReply,
+    EmbedRequest,
+    GenerateRequest,
+    Heartbeat,
+    SamplingParams,
+    Unregister,
+    WorkerRegistration,
+    WorkerStatus,
+)
+
+log = logging.getLogger("llmstack.worker")
+
+
+@dataclass
+class WorkerSettings:
+    worker_address: str
+    model_names: list[str]
+    controller_address: str | None = "http://127.0.0.1:21001"
+    register: bool = True
+    limit_worker_concurrency: int = 5
+    max_queue: int = 256
+    heartbeat_interval: float = 3.0
+    cluster_token: str | None = None
+    embed_in_truncate: bool = False
+    worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+
+class Admission:
+    """A concurrency limit with a bounded queue: beyond `max_queue` waiting, requests get 429."""
+
+    def __init__(self, limit: int, max_queue: int) -> None:
+        self._sem = asyncio.Semaphore(limit)
+        self.max_queue = max_queue
+        self.waiting = 0
+        self.running = 0
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.waiting >= self.max_queue:
+            raise Overloaded(f"worker queue is full ({self.max_queue} waiting)", retry_after=1)
+        self.waiting += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self._sem.release()
+
+
+class WorkerService:
+    """The worker's state: engine, admission, controller link.  Lives on `app.state.worker`."""
+
+    def __init__(self, settings: WorkerSettings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.admission = Admission(settings.limit_worker_concurrency, settings.max_queue)
+        self.ready = False
+
+    # -- status ---------------------------------------------------------------------------------------
+    def status(self) -> WorkerStatus:
+        stats = self.engine.stats()
+        return WorkerStatus(
+            queue_length=self.admission.waiting + self.admission.running,
+            running=self.admission.running,
+            speed=max(stats.tokens_per_s, 1.0) if stats.tokens_per_s else 1.0,
+        )
+
+    def registration(self) -> WorkerRegistration:
+        return WorkerRegistration(
+            worker_id=self.settings.worker_id,
+            worker_address=self.settings.worker_address,
+            model_names=self.settings.model_names,
+            kind=self.engine.kind,
+            engine=self.engine.name,
+            context_length=self.engine.context_length,
+            capacity=self.settings.limit_worker_concurrency,
+            status=self.status(),
+        )
+
+    # -- prompts --------------------------------------------------------------------------------------
+    def prompt_ids(self, req: GenerateRequest | CountTokensRequest) -> list[int]:
+        if req.messages is not None:
+            return self.engine.encode(self.engine.render_chat(req.messages), add_special_tokens=False)
+        if req.prompt is not None:
+            return self.engine.encode(req.prompt)
+        raise InvalidRequest("either 'prompt' or 'messages' is required", param="prompt")
+
+    def check_budget(self, prompt_len: int, params: SamplingParams) -> SamplingParams:
+        ctx = self.engine.context_length
+        if prompt_len >= ctx:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {ctx} tokens. However, your messages resulted in "
+                f"{prompt_len} tokens. Please reduce the length of the messages.",
+                param="messages",
+            )
+        room = ctx - prompt_len
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{prompt_len + params.max_tokens} tokens ({prompt_len} in the messages, {params.max_tokens} "
+                "in the completion). Please reduce the length of the messages or completion.",
+                param="max_tokens",
+            )
+        stop = list(dict.fromkeys([*params.stop, *getattr(self.engine, "template_stop", [])]))
+        return params.model_copy(update={"max_tokens": params.max_tokens or room, "stop": stop})
+
+    # -- generation -------------------------------------------------------------------------------------
+    async def stream(
+        self, prompt_ids: list[int], params: SamplingParams, echo_text: str | None
+    ) -> AsyncIterator[bytes]:
+        """NDJSON events for all `n` choices, then the usage line; errors become an error line."""
+        completion_tokens = 0
+        try:
+            async with self.admission.slot():
+                if echo_text:
+                    for i in range(params.n):
+                        yield _line({"index": i, "text": echo_text, "tokens": 0})
+                if params.n == 1:
+                    async for chunk in self.engine.generate(prompt_ids, params):
+                        completion_tokens += chunk.tokens
+                        yield _line(_event(0, chunk))
+                else:
+                    async for index, chunk in self._fan_out(prompt_ids, params):
+                        completion_tokens += chunk.tokens
+                        yield _line(_event(index, chunk))
+            yield _line({"usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens}})
+        except LLMStackError as exc:
+            yield _line(exc.to_body())
+        except Exception as exc:
+            log.exception("generation failed")
+            yield _line(LLMStackError(f"generation failed: {type(exc).__name__}: {exc}").to_body())
+
+    async def _fan_out(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[tuple[int, Any]]:
+        """`n` choices as independent sequences (seed + i keeps them distinct yet reproducible)."""
+        merged: asyncio.Queue[tuple[int, Any] | BaseException | None] = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            seed = None if params.seed is None else params.seed + i
+            try:
+                async for chunk in self.engine.generate(prompt_ids, params.model_copy(update={"seed": seed, "n": 1})):
+                    await merged.put((i, chunk))
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
+                await merged.put(exc)
+            finally:
+                await merged.put(None)
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(params.n)]
+        try:
+            done = 0
+            while done < params.n:
+                item = await merged.get()
+                if item is None:
+                    done += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    # -- controller link ----------------------------------------------------------------------------------
+    async def controller_loop(self, client: httpx.AsyncClient) -> None:
+        """Register (retrying until the controller answers), then heartbeat; re-register whenever the
+        controller has forgotten us (it restarted, or expired us during a pause)."""
+        base = self.settings.controller_address
+        assert base
+        registered = False
+        backoff = 0.5
+        while True:
+            try:
+                if not registered:
+                    resp = await client.post(f"{base}/workers/register", json=self.registration().model_dump())
+                    if resp.status_code == 409:  # we are known already: just heartbeat
+                        registered = True
+                    elif resp.status_code in (401, 403):
+                        log.error("controller refused registration (%s): check the cluster token", resp.status_code)
+                        await asyncio.sleep(min(backoff, 10))
+                        backoff *= 2
+                        continue
+                    else:
+                        resp.raise_for_status()
+                        registered = True
+                        log.info("registered with controller %s as %s", base, self.settings.worker_address)
+                    backoff = 0.5
+                else:
+                    beat = Heartbeat(
+                        worker_id=self.settings.worker_id,
+                        worker_address=self.settings.worker_address,
+                        status=self.status(),
+                    )
+                    resp = await client.post(f"{base}/workers/heartbeat", json=beat.model_dump())
+                    resp.raise_for_status()
+                    if not resp.json().get("known", False):
+                        log.warning("controller does not know this worker any more; registering again")
+                        registered = False
+                        continue
+                await asyncio.sleep(self.settings.heartbeat_interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # controller down or restarting: keep trying, keep serving
+                log.warning("controller %s unreachable (%s); retrying in %.1fs", base, type(exc).__name__, backoff)
+                registered = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.heartbeat_interval)
+
+    async def unregister(self, client: httpx.AsyncClient) -> None:
+        base = self.settings.controller_address
+        body = Unregister(worker_id=self.settings.worker_id, worker_address=self.settings.worker_address)
+        try:
+            await client.post(f"{base}/workers/unregister", json=body.model_dump(), timeout=2)
+        except Exception as exc:
+            log.warning("could not unregister from controller: %s", exc)
+
+
+def _event(index: int, chunk: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {"index": index, "text": chunk.text, "tokens": chunk.tokens}
+    if chunk.finish_reason is not None:
+        event["finish_reason"] = chunk.finish_reason
+    return event
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def build_worker_app(settings: WorkerSettings, engine: Engine) -> FastAPI:
+    service = WorkerService(settings, engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        service.ready = True
+        headers = {"Authorization": f"Bearer {settings.cluster_token}"} if settings.cluster_token else {}
+        client = httpx.AsyncClient(timeout=5.0, headers=headers)
+        task = None
+        if settings.register and settings.controller_address:
+            task = asyncio.create_task(service.controller_loop(client))
+        log.info("worker %s serving %s at %s", settings.worker_id, settings.model_names, settings.worker_address)
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                await service.unregister(client)
+            await client.aclose()
+            await engine.close()
+
+    app = FastAPI(title="llmstack worker", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.worker = service
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {
+            "status": "ok" if service.ready else "loading",
+            "worker_id": settings.worker_id,
+            "model_names": settings.model_names,
+            **service.status().model_dump(),
+        }
+
+    @app.get("/model_details")
+    async def model_details() -> dict:
+        return {
+            "model_names": settings.model_names,
+            "kind": engine.kind,
+            "engine": engine.name,
+            "context_length": engine.context_length,
+        }
+
+    @app.post("/count_tokens")
+    async def count_tokens(req: CountTokensRequest) -> dict:
+        return {"count": len(service.prompt_ids(req)), "context_length": engine.context_length}
+
+    @app.post("/generate")
+    async def generate(req: GenerateRequest) -> StreamingResponse:
+        if engine.kind != "chat":
+            raise InvalidRequest(
+                f"'{settings.model_names[0]}' is an embedding model; use /v1/embeddings", param="model"
+            )
+        prompt_ids = service.prompt_ids(req)
+        params = service.check_budget(len(prompt_ids), req.params)
+        if service.admission.waiting >= service.admission.max_queue:
+            raise Overloaded(f"worker queue is full ({service.admission.max_queue} waiting)")
+        echo = (req.prompt or "") if req.echo else None
+        return StreamingResponse(service.stream(prompt_ids, params, echo), media_type="application/x-ndjson")
+
+    @app.post("/embeddings")
+    async def embeddings(req: EmbedRequest) -> EmbedReply:
+        truncate = settings.embed_in_truncate if req.truncate is None else req.truncate
+        async with service.admission.slot():
+            vectors, tokens = await engine.embed(req.input, truncate)
+        return EmbedReply(embeddings=vectors, prompt_tokens=tokens)
+
+    return app
