@@ -69,6 +69,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _MARKER_FILES = ("config.json", "adapter_config.json", "model_index.json")
 _PART_FILE = re.compile(r"\.\w+_\d+_\d+$")  # modelscope-hub's ranged-download parts: <file>_<start>_<end>
 _HUB_NAMES = {"modelscope": "ModelScope", "huggingface": "Hugging Face"}
+_DOWNLOAD_LOCK = threading.Lock()
 
 
 class DownloadFailure(enum.StrEnum):
@@ -270,6 +271,10 @@ def _resolve_modelscope(
     _split_modelscope_id(model)
     from modelscope import snapshot_download  # slow import (~1 s): only when a hub model is asked for
 
+    # modelscope-hub reads MODELSCOPE_CACHE once per process (get_default_config is cached), so resolve the
+    # root here, at call time, and pass it: the cache we check and report is the one modelscope uses.
+    cache_dir = modelscope_cache_root(cache_dir)
+
     cached_problem: str | None = None
     if not refresh or offline:
         try:
@@ -288,9 +293,14 @@ def _resolve_modelscope(
     why = probe_hub(endpoints)
     if why is not None:
         raise _unreachable_error("modelscope", model, revision, cache_dir, endpoints, why)
+    # Like MODELSCOPE_CACHE, MODELSCOPE_ENDPOINT/DOMAIN are read once per process by modelscope-hub: pass
+    # the endpoint we probed. With none configured, leave it to modelscope's own .cn -> .ai resolution.
+    if endpoints != MODELSCOPE_DEFAULT_ENDPOINTS:
+        endpoint = endpoints[0]
 
     try:
-        with _modelscope_progress(model, enabled=progress) as callbacks:
+        # One download at a time per process: rich allows one live display, and sys.stderr is swapped.
+        with _DOWNLOAD_LOCK, _modelscope_progress(model, enabled=progress) as callbacks:
             path = Path(
                 snapshot_download(
                     model,
@@ -369,6 +379,7 @@ def _modelscope_progress(model: str, *, enabled: bool) -> Iterator[list[Any] | N
         return
     from modelscope.hub.callback import ProgressCallback
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -388,7 +399,8 @@ def _modelscope_progress(model: str, *, enabled: bool) -> Iterator[list[Any] | N
         console=console,
         transient=False,
     )
-    overall = display.add_task(f"{model} (0 files)", total=None)
+    label = escape(model)
+    overall = display.add_task(f"{label} (0 files)", total=None)
     counts = {"files": 0, "bytes": 0}
     lock = threading.Lock()
 
@@ -398,7 +410,7 @@ def _modelscope_progress(model: str, *, enabled: bool) -> Iterator[list[Any] | N
         def __init__(self, filename: str, file_size: int) -> None:
             super().__init__(filename, file_size)
             total = file_size if file_size and file_size > 0 else None
-            self.task = display.add_task(f"  {Path(filename).name}", total=total)
+            self.task = display.add_task(f"  {escape(Path(filename).name)}", total=total)
             with lock:  # the grand total grows as files start: the listing's sizes are not exposed
                 counts["bytes"] += max(file_size or 0, 0)
                 display.update(overall, total=counts["bytes"])
@@ -415,9 +427,9 @@ def _modelscope_progress(model: str, *, enabled: bool) -> Iterator[list[Any] | N
             display.remove_task(self.task)
             with lock:
                 counts["files"] += 1
-                display.update(overall, description=f"{model} ({counts['files']} files)")
+                display.update(overall, description=f"{label} ({counts['files']} files)")
 
-    console.print(f"Downloading [bold]{model}[/] from ModelScope")
+    console.print(f"Downloading [bold]{escape(model)}[/] from ModelScope")
     with display, _drop_tqdm_redraws():
         yield [RichCallback]
 
@@ -439,7 +451,10 @@ class _TqdmFilter(io.TextIOBase):
         self._target.flush()
 
     def fileno(self) -> int:  # lets tqdm measure the terminal width
-        return int(self._target.fileno())
+        fileno = getattr(self._target, "fileno", None)
+        if fileno is None:
+            raise io.UnsupportedOperation("fileno")
+        return int(fileno())
 
     def isatty(self) -> bool:
         return bool(getattr(self._target, "isatty", lambda: False)())
@@ -472,7 +487,8 @@ def _resolve_huggingface(
     from huggingface_hub import errors as hf_errors
 
     offline = offline or bool(hf_constants.HF_HUB_OFFLINE)
-    kwargs: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir, "endpoint": endpoint}
+    endpoints = hub_endpoints("huggingface", endpoint)
+    kwargs: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir, "endpoint": endpoints[0]}
     cached_problem: str | None = None
     if not refresh or offline:
         try:
@@ -489,7 +505,6 @@ def _resolve_huggingface(
     if offline:
         raise _not_cached_error("huggingface", model, revision, cache_dir, cached_problem)
 
-    endpoints = hub_endpoints("huggingface", endpoint)
     why = probe_hub(endpoints)
     if why is not None:
         raise _unreachable_error("huggingface", model, revision, cache_dir, endpoints, why)

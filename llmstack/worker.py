@@ -85,6 +85,8 @@ class WorkerService:
         self.engine = engine
         self.admission = Admission(settings.limit_worker_concurrency, settings.max_queue)
         self.ready = False
+        self.served = 0  # requests answered, and tokens generated: cheap counters for /health
+        self.generated_tokens = 0
 
     # -- status ---------------------------------------------------------------------------------------
     def status(self) -> WorkerStatus:
@@ -140,6 +142,7 @@ class WorkerService:
     ) -> AsyncIterator[bytes]:
         """NDJSON events for all `n` choices, then the usage line; errors become an error line."""
         completion_tokens = 0
+        self.served += 1
         try:
             async with self.admission.slot():
                 if echo_text:
@@ -148,10 +151,12 @@ class WorkerService:
                 if params.n == 1:
                     async for chunk in self.engine.generate(prompt_ids, params):
                         completion_tokens += chunk.tokens
+                        self.generated_tokens += chunk.tokens
                         yield _line(_event(0, chunk))
                 else:
                     async for index, chunk in self._fan_out(prompt_ids, params):
                         completion_tokens += chunk.tokens
+                        self.generated_tokens += chunk.tokens
                         yield _line(_event(index, chunk))
             yield _line({"usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens}})
         except LLMStackError as exc:
@@ -286,6 +291,8 @@ def build_worker_app(settings: WorkerSettings, engine: Engine) -> FastAPI:
             "status": "ok" if service.ready else "loading",
             "worker_id": settings.worker_id,
             "model_names": settings.model_names,
+            "served": service.served,
+            "generated_tokens": service.generated_tokens,
             **service.status().model_dump(),
         }
 
