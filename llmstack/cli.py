@@ -269,6 +269,23 @@ def api(
     serve(build_api_app(settings), host=host, port=port, tls=tls, drain_timeout=drain_timeout)
 
 
+def _register_command_groups() -> None:
+    """Commands that live in their own modules (stack lifecycle; web UI, chat and tunnel)."""
+    import importlib
+
+    for module in ("stack_commands", "ui_commands"):
+        try:
+            mod = importlib.import_module(f"llmstack.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"llmstack.{module}":
+                raise
+            continue
+        mod.register(app)
+
+
+_register_command_groups()
+
+
 def main() -> None:
     app(prog_name="llmstack")
 

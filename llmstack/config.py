@@ -7,6 +7,7 @@ stack started by `llmstack up` runs exactly what a person could run by hand, one
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -50,6 +51,17 @@ class StackSection(_Section):
     drain_timeout: float = Field(30.0, ge=0, le=3600)
     cluster_token: str | None = Field(None, description="shared secret for workers; generated when unset")
     python: str | None = Field(None, description="interpreter for the services; default: the current one")
+    start_timeout: float = Field(900.0, gt=0, description="seconds a service may take to become healthy")
+    restart_backoff: float = Field(1.0, gt=0, description="first restart delay; doubles per crash")
+    restart_backoff_max: float = Field(30.0, gt=0, description="longest restart delay")
+    crash_loop_restarts: int = Field(5, ge=1, description="crashes within crash_loop_window that stop restarts")
+    crash_loop_window: float = Field(120.0, gt=0, description="seconds over which crashes are counted")
+
+    @model_validator(mode="after")
+    def _backoff(self) -> StackSection:
+        if self.restart_backoff > self.restart_backoff_max:
+            raise ValueError("restart_backoff must not exceed restart_backoff_max")
+        return self
 
 
 class ControllerSection(_Section):
@@ -60,6 +72,18 @@ class ControllerSection(_Section):
     heartbeat_expiry: float = Field(10.0, gt=0)
     address: str | None = Field(None, description="URL of a remote controller (for worker-only machines)")
     ssl: TLS = TLS()
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+(:\d+)?/?$", value):
+            raise ValueError("must be an http(s) URL such as http://10.0.0.5:21001")
+        return value
+
+    @property
+    def local(self) -> bool:
+        """True when this stack runs the controller itself (no remote `address`)."""
+        return self.enabled and not self.address
 
     @property
     def url(self) -> str:
@@ -246,6 +270,16 @@ class StackConfig(_Section):
                     raise ValueError(f"model name {name!r} is served by models[{names[name]}] and models[{i}]")
                 names[name] = i
         return self
+
+    @property
+    def base_dir(self) -> Path:
+        """Directory relative paths in the file are resolved against: the stack.toml's own."""
+        return self.source_path.parent if self.source_path else Path.cwd()
+
+    def resolve_path(self, value: str) -> Path:
+        """A path from the file: `~` expanded, relative ones taken relative to the stack.toml."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
 
     def worker_ports(self) -> list[list[int]]:
         """Ports per model entry and replica: fixed ones as given, the rest counted up from 21002,

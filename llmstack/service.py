@@ -70,7 +70,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "Invalid request body.", None
-    first = errors[0]
+    # a union (e.g. stop: str | list[str]) reports one error per branch: the branch that failed on a
+    # constraint says more than the one that failed on the type
+    first = min(errors, key=lambda e: str(e.get("type", "")).endswith("_type"))
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return "We could not parse the JSON body of your request: " + str(first.get("msg")), None

@@ -10,6 +10,7 @@ import pytest
 
 from tests.support import openapi
 from tests.support.procs import ServiceGroup
+from tests.support.stack import Stack, new_stack
 from tests.support.tiny_model import build_tiny_llama, build_tiny_llama_no_template
 
 
@@ -67,3 +68,27 @@ def services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service
         call = getattr(request.node, "rep_call", None)
         if call is not None and call.failed and group.services:
             print(f"service logs in {group.log_dir}:\n{group.logs()}")
+
+
+ALIAS = "Baichuan2-13B-Chat"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, minilm_dir: Path) -> Iterator[Stack]:
+    """One shared stack: a tiny chat model (with the tutorial's alias), MiniLM embeddings, an 8-bit worker."""
+    s = new_stack(tmp_path_factory.mktemp("stack-logs"))
+    try:
+        s.start_controller()
+        s.start_worker("worker-tiny", tiny_model_dir, "--model-names", f"tiny,{ALIAS}", wait=False)
+        s.start_worker("worker-minilm", minilm_dir, "--model-names", "all-MiniLM-L6-v2", wait=False)
+        s.start_worker("worker-8bit", tiny_model_dir, "--model-names", "tiny-8bit", "--load-8bit", wait=False)
+        for svc, url in s.workers.values():
+            svc.wait_healthy(f"{url}/health", timeout=180)
+        s.start_api()
+        s.wait_models("tiny", ALIAS, "all-MiniLM-L6-v2", "tiny-8bit")
+        yield s
+    except BaseException:
+        print(s.group.logs(60))
+        raise
+    finally:
+        s.group.stop_all()

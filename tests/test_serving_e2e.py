@@ -8,7 +8,6 @@ import json
 import math
 import struct
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,30 +15,10 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.support.stack import Stack, new_stack
+from tests.conftest import ALIAS
+from tests.support.stack import Stack
 
-ALIAS = "Baichuan2-13B-Chat"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about Beijing."}]
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, minilm_dir: Path) -> Iterator[Stack]:
-    s = new_stack(tmp_path_factory.mktemp("stack-logs"))
-    try:
-        s.start_controller()
-        s.start_worker("worker-tiny", tiny_model_dir, "--model-names", f"tiny,{ALIAS}", wait=False)
-        s.start_worker("worker-minilm", minilm_dir, "--model-names", "all-MiniLM-L6-v2", wait=False)
-        s.start_worker("worker-8bit", tiny_model_dir, "--model-names", "tiny-8bit", "--load-8bit", wait=False)
-        for svc, url in s.workers.values():
-            svc.wait_healthy(f"{url}/health", timeout=180)
-        s.start_api()
-        s.wait_models("tiny", ALIAS, "all-MiniLM-L6-v2", "tiny-8bit")
-        yield s
-    except BaseException:
-        print(s.group.logs(60))
-        raise
-    finally:
-        s.group.stop_all()
 
 
 @pytest.fixture(scope="module")

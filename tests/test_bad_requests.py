@@ -1,0 +1,166 @@
+"""Bad requests get the right status and OpenAI's error envelope: never a 500, never FastAPI's 422."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.procs import Service, free_port
+from tests.support.stack import Stack
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+USER = [{"role": "user", "content": "hi"}]
+
+
+def chat(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "tiny", "messages": USER, "max_tokens": 2}
+    body.update(overrides)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+# (id, method, path, body (dict = JSON, bytes = raw), status, param or None, code or None)
+CASES: list[tuple[str, str, str, Any, int, str | None, str | None]] = [
+    ("malformed-json", "POST", CHAT, b'{"model": "tiny", "messages": [', 400, None, None),
+    ("body-not-object", "POST", CHAT, b"[1, 2, 3]", 400, None, None),
+    ("empty-body", "POST", CHAT, b"", 400, None, None),
+    ("missing-model", "POST", CHAT, chat(model=...), 400, "model", None),
+    ("missing-messages", "POST", CHAT, chat(messages=...), 400, "messages", None),
+    ("empty-messages", "POST", CHAT, chat(messages=[]), 400, "messages", None),
+    ("unknown-role", "POST", CHAT, chat(messages=[{"role": "wizard", "content": "x"}]), 400, "messages.0.role", None),
+    ("content-wrong-type", "POST", CHAT, chat(messages=[{"role": "user", "content": 42}]), 400, "messages.0.content", None),
+    ("user-without-content", "POST", CHAT, chat(messages=[{"role": "user"}]), 400, "messages.0", None),
+    ("image-part", "POST", CHAT,
+     chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]),
+     400, "messages.0", None),
+    ("temperature-type", "POST", CHAT, chat(temperature="hot"), 400, "temperature", None),
+    ("temperature-range", "POST", CHAT, chat(temperature=3), 400, "temperature", None),
+    ("top-p-range", "POST", CHAT, chat(top_p=1.5), 400, "top_p", None),
+    ("top-k-zero", "POST", CHAT, chat(top_k=0), 400, "top_k", None),
+    ("n-zero", "POST", CHAT, chat(n=0), 400, "n", None),
+    ("n-huge", "POST", CHAT, chat(n=1000), 400, "n", None),
+    ("max-tokens-zero", "POST", CHAT, chat(max_tokens=0), 400, "max_tokens", None),
+    ("max-tokens-type", "POST", CHAT, chat(max_tokens="ten"), 400, "max_tokens", None),
+    ("too-many-stops", "POST", CHAT, chat(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
+    ("presence-range", "POST", CHAT, chat(presence_penalty=5), 400, "presence_penalty", None),
+    ("seed-type", "POST", CHAT, chat(seed="abc"), 400, "seed", None),
+    ("stream-options-no-stream", "POST", CHAT, chat(stream_options={"include_usage": True}), 400, "stream_options", None),
+    ("unknown-parameter", "POST", CHAT, chat(frobnicate=True), 400, "frobnicate", None),
+    ("logprobs-unsupported", "POST", CHAT, chat(logprobs=True), 400, "logprobs", None),
+    ("tools-unsupported", "POST", CHAT,
+     chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400, "tools", None),
+    ("json-schema-unsupported", "POST", CHAT, chat(response_format={"type": "json_schema"}), 400, "response_format", None),
+    ("conflicting-max-tokens", "POST", CHAT, chat(max_tokens=5, max_completion_tokens=6), 400, "max_completion_tokens",
+     None),
+    ("unknown-model", "POST", CHAT, chat(model="no-such-model"), 404, "model", "model_not_found"),
+    ("context-too-long", "POST", CHAT, chat(messages=[{"role": "user", "content": "word " * 3000}]), 400, "messages",
+     "context_length_exceeded"),
+    ("max-tokens-beyond-context", "POST", CHAT, chat(max_tokens=4000), 400, "max_tokens", "context_length_exceeded"),
+    ("chat-with-embedding-model", "POST", CHAT, chat(model="all-MiniLM-L6-v2"), 400, "model", None),
+    ("completion-token-prompt", "POST", COMPLETIONS, {"model": "tiny", "prompt": [1, 2, 3]}, 400, "prompt", None),
+    ("completion-suffix", "POST", COMPLETIONS, {"model": "tiny", "prompt": "a", "suffix": "b"}, 400, "suffix", None),
+    ("completion-missing-prompt", "POST", COMPLETIONS, {"model": "tiny"}, 400, "prompt", None),
+    ("embedding-empty-input", "POST", EMBEDDINGS, {"model": "all-MiniLM-L6-v2", "input": []}, 400, "input", None),
+    ("embedding-empty-string", "POST", EMBEDDINGS, {"model": "all-MiniLM-L6-v2", "input": ""}, 400, "input", None),
+    ("embedding-bad-format", "POST", EMBEDDINGS,
+     {"model": "all-MiniLM-L6-v2", "input": "x", "encoding_format": "hex"}, 400, "encoding_format", None),
+    ("embedding-unknown-model", "POST", EMBEDDINGS, {"model": "nope", "input": "x"}, 404, "model", "model_not_found"),
+    ("unknown-route", "GET", "/v1/nothing-here", None, 404, None, None),
+    ("wrong-method", "GET", CHAT, None, 405, None, None),
+    ("unknown-model-get", "GET", "/v1/models/no-such-model", None, 404, "model", "model_not_found"),
+]  # fmt: skip
+
+
+def _send(client: httpx.Client, method: str, path: str, body: Any, headers: dict[str, str] | None = None):  # noqa: ANN202
+    if isinstance(body, bytes):
+        return client.request(
+            method, path, content=body, headers={"content-type": "application/json", **(headers or {})}
+        )
+    return client.request(method, path, json=body, headers=headers)
+
+
+@pytest.fixture(scope="module")
+def api(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.api_url, timeout=30) as client:
+        yield client
+
+
+@pytest.mark.parametrize(("name", "method", "path", "body", "status", "param", "code"), CASES, ids=[c[0] for c in CASES])
+def test_bad_request(api: httpx.Client, openapi_validate, name, method, path, body, status, param, code) -> None:  # noqa: ANN001
+    resp = _send(api, method, path, body)
+    assert resp.status_code == status, resp.text
+    payload = resp.json()
+    assert "detail" not in payload
+    openapi_validate("ErrorResponse", payload)
+    error = payload["error"]
+    assert error["message"] and isinstance(error["message"], str)
+    if param is not None:
+        assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+    assert resp.headers.get("x-request-id")
+
+
+def test_streaming_errors_before_first_token_are_http_errors(api: httpx.Client) -> None:
+    resp = api.post(CHAT, json=chat(model="no-such-model", stream=True))
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
+
+
+def test_body_size_limit(api: httpx.Client) -> None:
+    resp = api.post(CHAT, content=b'{"model": "' + b"x" * (17 * 1024 * 1024) + b'"}')
+    assert resp.status_code == 413
+    assert resp.json()["error"]["code"] == "payload_too_large"
+
+
+@pytest.fixture(scope="module")
+def keyed_api(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    svc = Service(
+        "api-keys",
+        ["api", "--port", str(port), "--controller-address", stack.controller_url, "--sync-interval", "0.2"],
+        tmp_path_factory.mktemp("keyed-api"),
+        env={"LLMSTACK_API_KEYS": "sk-alpha,sk-beta"},
+    ).start()
+    try:
+        svc.wait_healthy(f"http://127.0.0.1:{port}/health")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        svc.stop()
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"Authorization": "Bearer sk-wrong"}, 401),
+        ({"Authorization": "Basic sk-alpha"}, 401),
+        ({"Authorization": "Bearer sk-alpha"}, 200),
+        ({"Authorization": "Bearer sk-beta"}, 200),
+    ],
+)
+def test_api_keys(keyed_api: str, openapi_validate, headers: dict[str, str], status: int) -> None:  # noqa: ANN001
+    resp = httpx.get(f"{keyed_api}/v1/models", headers=headers)
+    assert resp.status_code == status, resp.text
+    if status == 401:
+        openapi_validate("ErrorResponse", resp.json())
+        assert resp.json()["error"]["type"] == "authentication_error"
+        assert "sk-alpha" not in resp.text
+
+
+def test_api_keys_are_not_logged(keyed_api: str, stack: Stack) -> None:
+    httpx.get(f"{keyed_api}/v1/models", headers={"Authorization": "Bearer sk-alpha"})
+    httpx.get(f"{keyed_api}/v1/models", headers={"Authorization": "Bearer sk-guess"})
+    for log in stack.group.log_dir.parent.rglob("*.log"):
+        text = log.read_text(errors="replace")
+        assert "sk-alpha" not in text and "sk-guess" not in text, log
+
+
+def test_errors_are_json_even_for_garbage_content_type(api: httpx.Client) -> None:
+    resp = api.post(CHAT, content=b"model=tiny", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert resp.status_code == 400
+    json.loads(resp.text)
