@@ -90,7 +90,9 @@ def api(stack: Stack) -> Iterator[httpx.Client]:
         yield client
 
 
-@pytest.mark.parametrize(("name", "method", "path", "body", "status", "param", "code"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("name", "method", "path", "body", "status", "param", "code"), CASES, ids=[c[0] for c in CASES]
+)
 def test_bad_request(api: httpx.Client, openapi_validate, name, method, path, body, status, param, code) -> None:  # noqa: ANN001
     resp = _send(api, method, path, body)
     assert resp.status_code == status, resp.text

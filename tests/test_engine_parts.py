@@ -128,4 +128,6 @@ def test_context_length_from_config() -> None:
     assert context_length_of(SimpleNamespace(model_max_length=4096)) == 4096  # Baichuan2
     scaled = SimpleNamespace(max_position_embeddings=2048, rope_scaling={"type": "linear", "factor": 2.0})
     assert context_length_of(scaled) == 4096
-    assert context_length_of(SimpleNamespace(max_position_embeddings=4096), SimpleNamespace(model_max_length=512)) == 512
+    assert (
+        context_length_of(SimpleNamespace(max_position_embeddings=4096), SimpleNamespace(model_max_length=512)) == 512
+    )

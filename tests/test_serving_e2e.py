@@ -246,3 +246,11 @@ def test_langchain_tutorial_check(stack: Stack) -> None:
     assert chunks and any(c.content for c in chunks)
     reply = (prompt | llm).invoke({"location": "上海"})
     assert isinstance(reply.content, str) and reply.content
+
+
+def test_worker_token_count_and_details(stack: Stack, tokenizer) -> None:
+    url = stack.workers["worker-tiny"][1]
+    details = httpx.get(f"{url}/model_details").json()
+    assert details["context_length"] == 2048 and details["kind"] == "chat" and ALIAS in details["model_names"]
+    count = httpx.post(f"{url}/count_tokens", json={"prompt": "北京 is big"}).json()["count"]
+    assert count == len(tokenizer.encode("北京 is big"))
