@@ -15,10 +15,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .dispatch import Candidate, choose
 from .errors import Conflict, NotFound, ServiceUnavailable
+from .metrics import counter_collector, gauge_collector
 from .service import check_bearer, install_error_handlers
 from .wire import (
     DispatchMethod,
@@ -56,6 +59,7 @@ class Registry:
         self.clock = clock
         self.rng = random.Random()
         self._workers: dict[str, _Worker] = {}
+        self.events = {"registered": 0, "replaced": 0, "expired": 0, "unregistered": 0, "refused": 0}
 
     def register(self, reg: WorkerRegistration) -> None:
         current = self._workers.get(reg.worker_address)
@@ -67,6 +71,7 @@ class Registry:
             )
         now = self.clock()
         verb = "replaced" if current else "registered"
+        self.events[verb] += 1
         self._workers[reg.worker_address] = _Worker(reg, now, now)
         log.info("%s worker %s at %s for %s", verb, reg.worker_id, reg.worker_address, reg.model_names)
 
@@ -83,6 +88,7 @@ class Registry:
         if worker is None or worker.registration.worker_id != req.worker_id:
             return False
         del self._workers[req.worker_address]
+        self.events["unregistered"] += 1
         log.info("unregistered worker %s at %s", req.worker_id, req.worker_address)
         return True
 
@@ -90,6 +96,7 @@ class Registry:
         gone = [addr for addr, w in self._workers.items() if not self._alive(w)]
         for addr in gone:
             log.warning("worker at %s missed its heartbeats; removed", addr)
+            self.events["expired"] += 1
             del self._workers[addr]
         return gone
 
@@ -145,10 +152,32 @@ def build_controller_app(settings: ControllerSettings) -> FastAPI:
     app = FastAPI(title="llmstack controller", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.registry = registry
     install_error_handlers(app)
+    metrics = CollectorRegistry()
+
+    def workers_per_model():  # noqa: ANN202
+        counts: dict[str, int] = {}
+        for w in registry.live_workers():
+            for name in w.registration.model_names:
+                counts[name] = counts.get(name, 0) + 1
+        return [([name], float(n)) for name, n in counts.items()]
+
+    def events():  # noqa: ANN202
+        return [([event], float(n)) for event, n in registry.events.items()]
+
+    metrics.register(
+        gauge_collector("llmstack_controller_workers", "Live workers per model.", ["model"], workers_per_model)
+    )
+    metrics.register(
+        counter_collector("llmstack_controller_worker_events", "Worker registry events.", ["event"], events)
+    )
     tokens = [settings.cluster_token] if settings.cluster_token else []
 
     def require_token(request: Request) -> None:
         check_bearer(request, tokens, what="cluster token")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint() -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> dict:

@@ -7,6 +7,7 @@ Routes: `POST /generate` (NDJSON stream of deltas), `POST /embeddings`, `POST /c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import uuid
@@ -16,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from .engines.base import Engine
 from .errors import ContextLengthExceeded, InvalidRequest, LLMStackError, Overloaded
+from .metrics import MetricsMiddleware, RequestTracker, ServingMetrics, gauge_collector
 from .service import install_error_handlers
 from .wire import (
     CountTokensRequest,
@@ -83,6 +85,7 @@ class WorkerService:
     def __init__(self, settings: WorkerSettings, engine: Engine) -> None:
         self.settings = settings
         self.engine = engine
+        self.metrics = ServingMetrics("worker")
         self.admission = Admission(settings.limit_worker_concurrency, settings.max_queue)
         self.ready = False
         self.served = 0  # requests answered, and tokens generated: cheap counters for /health
@@ -138,7 +141,7 @@ class WorkerService:
 
     # -- generation -------------------------------------------------------------------------------------
     async def stream(
-        self, prompt_ids: list[int], params: SamplingParams, echo_text: str | None
+        self, prompt_ids: list[int], params: SamplingParams, echo_text: str | None, tracker: RequestTracker
     ) -> AsyncIterator[bytes]:
         """NDJSON events for all `n` choices, then the usage line; errors become an error line."""
         completion_tokens = 0
@@ -150,19 +153,24 @@ class WorkerService:
                         yield _line({"index": i, "text": echo_text, "tokens": 0})
                 if params.n == 1:
                     async for chunk in self.engine.generate(prompt_ids, params):
+                        tracker.first_token()
                         completion_tokens += chunk.tokens
                         self.generated_tokens += chunk.tokens
                         yield _line(_event(0, chunk))
                 else:
                     async for index, chunk in self._fan_out(prompt_ids, params):
+                        tracker.first_token()
                         completion_tokens += chunk.tokens
                         self.generated_tokens += chunk.tokens
                         yield _line(_event(index, chunk))
+            tracker.usage(len(prompt_ids), completion_tokens)
             yield _line({"usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens}})
         except LLMStackError as exc:
+            tracker.failed(exc.status_code)
             yield _line(exc.to_body())
         except Exception as exc:
             log.exception("generation failed")
+            tracker.failed(500)
             yield _line(LLMStackError(f"generation failed: {type(exc).__name__}: {exc}").to_body())
 
     async def _fan_out(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[tuple[int, Any]]:
@@ -284,6 +292,15 @@ def build_worker_app(settings: WorkerSettings, engine: Engine) -> FastAPI:
     app = FastAPI(title="llmstack worker", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.worker = service
     install_error_handlers(app)
+    metrics = service.metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=_endpoint)
+    _register_worker_gauges(service)
+
+    def track(request: Request, model: str | None) -> RequestTracker:
+        names = settings.model_names
+        tracker = metrics.track(model if model in names else names[0])
+        request.state.tracker = tracker
+        return tracker
 
     @app.get("/health")
     async def health() -> dict:
@@ -294,6 +311,7 @@ def build_worker_app(settings: WorkerSettings, engine: Engine) -> FastAPI:
             "served": service.served,
             "generated_tokens": service.generated_tokens,
             **service.status().model_dump(),
+            "engine": {"name": engine.name, **dataclasses.asdict(engine.stats())},
         }
 
     @app.get("/model_details")
@@ -309,8 +327,13 @@ def build_worker_app(settings: WorkerSettings, engine: Engine) -> FastAPI:
     async def count_tokens(req: CountTokensRequest) -> dict:
         return {"count": len(service.prompt_ids(req)), "context_length": engine.context_length}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint():  # noqa: ANN202
+        return metrics.render()
+
     @app.post("/generate")
-    async def generate(req: GenerateRequest) -> StreamingResponse:
+    async def generate(req: GenerateRequest, request: Request) -> StreamingResponse:
+        tracker = track(request, req.model)
         if engine.kind != "chat":
             raise InvalidRequest(
                 f"'{settings.model_names[0]}' is an embedding model; use /v1/embeddings", param="model"
@@ -320,13 +343,60 @@ def build_worker_app(settings: WorkerSettings, engine: Engine) -> FastAPI:
         if service.admission.waiting >= service.admission.max_queue:
             raise Overloaded(f"worker queue is full ({service.admission.max_queue} waiting)")
         echo = (req.prompt or "") if req.echo else None
-        return StreamingResponse(service.stream(prompt_ids, params, echo), media_type="application/x-ndjson")
+        return StreamingResponse(service.stream(prompt_ids, params, echo, tracker), media_type="application/x-ndjson")
 
     @app.post("/embeddings")
-    async def embeddings(req: EmbedRequest) -> EmbedReply:
+    async def embeddings(req: EmbedRequest, request: Request) -> EmbedReply:
         truncate = settings.embed_in_truncate if req.truncate is None else req.truncate
+        tracker = track(request, None)
         async with service.admission.slot():
             vectors, tokens = await engine.embed(req.input, truncate)
+        tracker.usage(tokens, 0)
         return EmbedReply(embeddings=vectors, prompt_tokens=tokens)
 
     return app
+
+
+def _endpoint(path: str) -> str | None:
+    return path if path in ("/generate", "/embeddings") else None
+
+
+def _register_worker_gauges(service: WorkerService) -> None:
+    """Live figures read at scrape time: queue, and what the engine knows (batch, KV cache)."""
+    registry = service.metrics.registry
+    model = service.settings.model_names[0]
+
+    def queued():  # noqa: ANN202
+        return [([model], float(service.admission.waiting))]
+
+    def engine_figure(attr: str):  # noqa: ANN202
+        def read():  # noqa: ANN202
+            value = getattr(service.engine.stats(), attr, None)
+            return [] if value is None else [([model], float(value))]
+
+        return read
+
+    registry.register(
+        gauge_collector("llmstack_worker_requests_queued", "Requests waiting for a slot.", ["model"], queued)
+    )
+    registry.register(
+        gauge_collector(
+            "llmstack_worker_batch_size", "Sequences in the current batch.", ["model"], engine_figure("batch_size")
+        )
+    )
+    registry.register(
+        gauge_collector(
+            "llmstack_worker_kv_cache_usage_ratio",
+            "Fraction of the KV cache in use.",
+            ["model"],
+            engine_figure("kv_cache_usage"),
+        )
+    )
+    registry.register(
+        gauge_collector(
+            "llmstack_worker_generation_tokens_per_second",
+            "Recent decode speed.",
+            ["model"],
+            engine_figure("tokens_per_s"),
+        )
+    )

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from ..errors import NotFound
+from ..metrics import UNKNOWN_MODEL, MetricsMiddleware, ServingMetrics, counter_collector, gauge_collector
 from ..service import StreamingResponseWithDisconnect, check_bearer, install_error_handlers
 from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .routing import RoutingTable
@@ -34,6 +35,16 @@ class APISettings:
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
+
+
+def _endpoint(path: str) -> str | None:
+    """Bounded endpoint labels for metrics; None for paths that are not counted."""
+    if not path.startswith("/v1/"):
+        return None
+    if path in _ENDPOINTS:
+        return path
+    return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
 
 
 def build_api_app(settings: APISettings) -> FastAPI:
@@ -65,6 +76,36 @@ def build_api_app(settings: APISettings) -> FastAPI:
 
     app = FastAPI(title="llmstack OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    metrics = ServingMetrics("api")
+    app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=_endpoint)
+
+    def routed_workers():  # noqa: ANN202
+        router: RoutingTable | None = getattr(app.state, "router", None)
+        return [([m], float(len(r))) for m, r in router.by_model.items()] if router else []
+
+    def failovers():  # noqa: ANN202
+        router: RoutingTable | None = getattr(app.state, "router", None)
+        return [([m, reason], float(n)) for (m, reason), n in router.failovers.items()] if router else []
+
+    metrics.registry.register(
+        gauge_collector(
+            "llmstack_api_workers", "Live workers per model in the routing table.", ["model"], routed_workers
+        )
+    )
+    metrics.registry.register(
+        counter_collector(
+            "llmstack_api_failovers",
+            "Requests moved to another worker before their first token, by reason.",
+            ["model", "reason"],
+            failovers,
+        )
+    )
+
+    def track(request: Request, model: str):  # noqa: ANN202
+        served = request.app.state.router.by_model
+        tracker = metrics.track(model if model in served else UNKNOWN_MODEL)
+        request.state.tracker = tracker
+        return tracker
 
     def require_key(request: Request) -> None:
         check_bearer(request, settings.api_keys)
@@ -84,24 +125,30 @@ def build_api_app(settings: APISettings) -> FastAPI:
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):  # noqa: ANN201
         completions: Completions = request.app.state.completions
+        tracker = track(request, req.model)
         if req.stream:
-            stream = await completions.chat_stream(req)
+            stream = await completions.chat_stream(req, tracker)
             return StreamingResponseWithDisconnect(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
-        return JSONResponse(await completions.chat(req))
+        return JSONResponse(await completions.chat(req, tracker))
 
     @v1.post("/completions")
     async def completions_(req: CompletionRequest, request: Request):  # noqa: ANN201
         completions: Completions = request.app.state.completions
+        tracker = track(request, req.model)
         if req.stream:
-            stream = await completions.complete_stream(req)
+            stream = await completions.complete_stream(req, tracker)
             return StreamingResponseWithDisconnect(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
-        return JSONResponse(await completions.complete(req))
+        return JSONResponse(await completions.complete(req, tracker))
 
     @v1.post("/embeddings")
     async def embeddings(req: EmbeddingRequest, request: Request) -> JSONResponse:
-        return JSONResponse(await request.app.state.embeddings.create(req))
+        return JSONResponse(await request.app.state.embeddings.create(req, track(request, req.model)))
 
     app.include_router(v1)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint():  # noqa: ANN202
+        return metrics.render()
 
     @app.get("/health")
     async def health(request: Request) -> dict:

@@ -58,7 +58,7 @@ class RoutingTable:
         self.known_models: set[str] = set()
         self.failed_at: dict[str, float] = {}
         self.last_sync: float | None = None
-        self.failovers = 0
+        self.failovers: dict[tuple[str, str], int] = {}  # (model, reason) -> requests moved to another worker
 
     # -- syncing ---------------------------------------------------------------------------------------
     async def sync_once(self) -> bool:
@@ -124,6 +124,10 @@ class RoutingTable:
     def mark_failed(self, route: Route, reason: str) -> None:
         self.failed_at[route.address] = self.clock()
         log.warning("worker %s failed (%s); out of rotation for %.0fs", route.address, reason, self.failure_cooldown)
+
+    def count_failover(self, model: str, reason: str) -> None:
+        key = (model, reason)
+        self.failovers[key] = self.failovers.get(key, 0) + 1
 
     def mark_ok(self, route: Route) -> None:
         self.failed_at.pop(route.address, None)

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from ..errors import LLMStackError, ServiceUnavailable, WorkerError
+from ..metrics import RequestTracker
 from ..service import REQUEST_ID_HEADER, request_id_var
 from ..wire import EmbedReply, SamplingParams
 from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -62,6 +63,7 @@ class WorkerStream:
                     if response.status_code != 200:
                         error = _error_from(await response.aread(), response.status_code)
                         if response.status_code in _RETRYABLE_STATUS:
+                            self.router.count_failover(model, "overloaded")
                             last_error = error
                             continue
                         raise error
@@ -79,7 +81,7 @@ class WorkerStream:
                 self.router.mark_failed(route, type(exc).__name__)
                 if started:
                     raise WorkerError(f"the worker serving '{model}' failed during generation; try again") from exc
-                self.router.failovers += 1
+                self.router.count_failover(model, "unreachable")
                 last_error = ServiceUnavailable(f"the worker for '{model}' could not be reached")
             finally:
                 route.inflight -= 1
@@ -102,7 +104,7 @@ class WorkerStream:
                 response = await self.client.post(f"{route.address}{path}", json=body, headers=headers)
             except httpx.TransportError as exc:
                 self.router.mark_failed(route, type(exc).__name__)
-                self.router.failovers += 1
+                self.router.count_failover(model, "unreachable")
                 last_error = ServiceUnavailable(f"the worker for '{model}' could not be reached")
                 continue
             finally:
@@ -112,6 +114,7 @@ class WorkerStream:
             error = _error_from(response.content, response.status_code)
             if response.status_code not in _RETRYABLE_STATUS:
                 raise error
+            self.router.count_failover(model, "overloaded")
             last_error = error
         raise last_error or ServiceUnavailable(f"no worker could serve '{model}'")
 
@@ -130,10 +133,10 @@ class Completions:
         self.workers = workers
 
     # -- chat -------------------------------------------------------------------------------------------------
-    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
+    async def chat(self, req: ChatCompletionRequest, tracker: RequestTracker) -> dict[str, Any]:
         params = req.to_sampling_params()
         body = {"model": req.model, "messages": req.template_messages(), "params": params.model_dump()}
-        texts, finishes, usage = await _collect(self.workers.events(req.model, body), params.n)
+        texts, finishes, usage = await _collect(self.workers.events(req.model, body), params.n, tracker)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -152,15 +155,20 @@ class Completions:
             "usage": _usage(usage),
         }
 
-    async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
+    async def chat_stream(self, req: ChatCompletionRequest, tracker: RequestTracker) -> AsyncIterator[bytes]:
         params = req.to_sampling_params()
         body = {"model": req.model, "messages": req.template_messages(), "params": params.model_dump()}
         events = self.workers.events(req.model, body)
         first = await _first_event(events)  # errors before the first token become an HTTP error
-        return self._chat_sse(req, params, first, events)
+        return self._chat_sse(req, params, first, events, tracker)
 
     async def _chat_sse(
-        self, req: ChatCompletionRequest, params: SamplingParams, first: dict[str, Any] | None, events: Any
+        self,
+        req: ChatCompletionRequest,
+        params: SamplingParams,
+        first: dict[str, Any] | None,
+        events: Any,
+        tracker: RequestTracker,
     ) -> AsyncIterator[bytes]:
         base = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -179,13 +187,16 @@ class Completions:
             yield chunk(i, {"role": "assistant", "content": ""})
         async for event in _chain(first, events):
             if "usage" in event:
+                tracker.usage(event["usage"]["prompt_tokens"], event["usage"]["completion_tokens"])
                 if req.include_usage:
                     yield _sse({**base, "choices": [], "usage": _usage(event["usage"])})
             elif "error" in event:
+                tracker.failed(LLMStackError.from_body(event).status_code)
                 yield _sse(event)
                 break
             else:
                 if event["text"]:
+                    tracker.first_token()
                     yield chunk(event["index"], {"content": event["text"]})
                 if event.get("finish_reason"):
                     yield chunk(event["index"], {}, event["finish_reason"])
@@ -196,12 +207,12 @@ class Completions:
         params = req.to_sampling_params().model_dump()
         return [{"model": req.model, "prompt": p, "params": params, "echo": req.echo} for p in req.prompts]
 
-    async def complete(self, req: CompletionRequest) -> dict[str, Any]:
+    async def complete(self, req: CompletionRequest, tracker: RequestTracker) -> dict[str, Any]:
         n = req.n
         choices: list[dict[str, Any]] = []
         prompt_tokens = completion_tokens = 0
         for p_index, body in enumerate(self._completion_bodies(req)):
-            texts, finishes, usage = await _collect(self.workers.events(req.model, body), n)
+            texts, finishes, usage = await _collect(self.workers.events(req.model, body), n, tracker)
             prompt_tokens += usage["prompt_tokens"]
             completion_tokens += usage["completion_tokens"]
             for i in range(n):
@@ -218,13 +229,15 @@ class Completions:
             "usage": _usage({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}),
         }
 
-    async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[bytes]:
+    async def complete_stream(self, req: CompletionRequest, tracker: RequestTracker) -> AsyncIterator[bytes]:
         bodies = self._completion_bodies(req)
         streams = [self.workers.events(req.model, b) for b in bodies]
         first = await _first_event(streams[0])
-        return self._completion_sse(req, first, streams)
+        return self._completion_sse(req, first, streams, tracker)
 
-    async def _completion_sse(self, req: CompletionRequest, first: Any, streams: list[Any]) -> AsyncIterator[bytes]:
+    async def _completion_sse(
+        self, req: CompletionRequest, first: Any, streams: list[Any], tracker: RequestTracker
+    ) -> AsyncIterator[bytes]:
         base = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -241,11 +254,15 @@ class Completions:
                     if "usage" in event:
                         totals["prompt_tokens"] += event["usage"]["prompt_tokens"]
                         totals["completion_tokens"] += event["usage"]["completion_tokens"]
+                        tracker.usage(event["usage"]["prompt_tokens"], event["usage"]["completion_tokens"])
                     elif "error" in event:
+                        tracker.failed(LLMStackError.from_body(event).status_code)
                         yield _sse(event)
                         yield _DONE
                         return
                     elif event["text"] or event.get("finish_reason"):
+                        if event["text"]:
+                            tracker.first_token()
                         choice = {
                             "index": p_index * req.n + event["index"],
                             "text": event["text"],
@@ -254,6 +271,7 @@ class Completions:
                         }
                         yield _sse({**base, "choices": [choice], **usage_field})
             except LLMStackError as exc:
+                tracker.failed(exc.status_code)
                 yield _sse(exc.to_body(request_id_var.get()))
                 yield _DONE
                 return
@@ -286,16 +304,21 @@ async def _chain(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any
         await rest.aclose()
 
 
-async def _collect(events: AsyncIterator[dict[str, Any]], n: int) -> tuple[list[str], list[str], dict[str, int]]:
+async def _collect(
+    events: AsyncIterator[dict[str, Any]], n: int, tracker: RequestTracker
+) -> tuple[list[str], list[str], dict[str, int]]:
     parts: list[list[str]] = [[] for _ in range(n)]
     finishes = ["stop"] * n
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     async for event in events:
         if "usage" in event:
             usage = event["usage"]
+            tracker.usage(usage["prompt_tokens"], usage["completion_tokens"])
         elif "error" in event:
             raise LLMStackError.from_body(event)
         else:
+            if event["text"]:
+                tracker.first_token()
             parts[event["index"]].append(event["text"])
             if event.get("finish_reason"):
                 finishes[event["index"]] = event["finish_reason"]
@@ -314,8 +337,9 @@ class Embeddings:
     def __init__(self, workers: WorkerStream) -> None:
         self.workers = workers
 
-    async def create(self, req: EmbeddingRequest) -> dict[str, Any]:
+    async def create(self, req: EmbeddingRequest, tracker: RequestTracker) -> dict[str, Any]:
         reply = EmbedReply.model_validate(await self.workers.post(req.model, "/embeddings", {"input": req.inputs}))
+        tracker.usage(reply.prompt_tokens, 0)
         dims = len(reply.embeddings[0]) if reply.embeddings else 0
         if req.dimensions is not None and req.dimensions != dims:
             raise LLMStackError.from_body(

@@ -24,6 +24,8 @@ class EngineStats:
     waiting: int = 0
     running: int = 0
     tokens_per_s: float = 0.0
+    batch_size: int | None = None  # sequences in the current forward pass (batching engines)
+    kv_cache_usage: float | None = None  # fraction of the KV cache in use (engines that manage one)
 
 
 class Engine(abc.ABC):
