@@ -131,6 +131,15 @@ class ModelSection(_Section):
     engine_args: dict[str, Any] = Field(default_factory=dict, description="extra engine arguments (vLLM)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for this worker")
 
+    @field_validator("conv_template")
+    @classmethod
+    def _template(cls, name: str | None) -> str | None:
+        if name is not None:
+            from .engines.templates import get_template  # a small, import-free module
+
+            get_template(name)
+        return name
+
     @field_validator("names")
     @classmethod
     def _names(cls, names: list[str]) -> list[str]:
@@ -147,7 +156,7 @@ class ModelSection(_Section):
         if self.load_8bit and self.backend == "vllm":
             raise ValueError("load_8bit is a transformers option; for vllm use engine_args.quantization")
         if self.engine_args and self.backend != "vllm":
-            raise ValueError("engine_args only apply to backend = \"vllm\"")
+            raise ValueError('engine_args only apply to backend = "vllm"')
         if self.replicas > 1 and self.port is not None:
             raise ValueError("replicas > 1 cannot share one fixed port; leave port unset")
         return self

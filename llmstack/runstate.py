@@ -84,6 +84,8 @@ class ProcRef(BaseModel):
             with contextlib.suppress(psutil.Error):
                 for child in leader.children(recursive=True):
                     found[child.pid] = child
+        if self.pgid != self.pid:
+            return [p for p in found.values() if _running(p)]  # not its own group (a foreground `up`)
         for proc in psutil.process_iter(["create_time"]):
             if proc.pid in found:
                 continue
