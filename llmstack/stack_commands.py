@@ -740,21 +740,45 @@ def _models_from_controller(url: str | None, token: str | None, state: RunState)
     return sorted(models.values(), key=lambda m: m["name"]), None
 
 
-def status(
-    config: ConfigOpt = Path(DEFAULT_CONFIG),
-    as_json: JsonOpt = False,
-    run_dir: RunDirOpt = None,
-) -> None:
-    """Show every service (state, pid, uptime, restarts, address, health) and every model. Exit code 0
-    only when every service is healthy and supervised; 1 otherwise; 3 when the stack is not running."""
-    rd, cfg = _run_dir(config, run_dir)
-    state = rd.read_state()
-    if state is None:
-        if as_json:
-            console.print_json(json.dumps({"running": False, "run_dir": str(rd.root), "healthy": False}))
-        else:
-            console.print(f"not running: no stack state in {rd.root}")
-        raise typer.Exit(EXIT_ENV)
+def _ttft_p50(api_url: str | None) -> dict[str, float]:
+    """Median time to first token per model, from the API server's histogram (as histogram_quantile)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    if not api_url:
+        return {}
+    try:
+        with httpx.Client(timeout=2.0, trust_env=False, verify=False) as client:
+            text = client.get(f"{api_url}/metrics").text
+    except httpx.HTTPError:
+        return {}
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "llmstack_api_time_to_first_token_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                buckets.setdefault(sample.labels["model"], []).append((float(sample.labels["le"]), sample.value))
+    out = {}
+    for model, pairs in buckets.items():
+        pairs.sort()
+        total = pairs[-1][1] if pairs else 0
+        if not total:
+            continue
+        rank, lower, below = total / 2, 0.0, 0.0
+        for upper, count in pairs:
+            if count >= rank:
+                if upper == float("inf"):
+                    out[model] = lower
+                else:
+                    share = (rank - below) / (count - below) if count > below else 1.0
+                    out[model] = lower + (upper - lower) * share
+                break
+            lower, below = upper, count
+    return out
+
+
+def _status_report(cfg: Any, rd: Any, state: RunState) -> dict:
     now = time.time()
     sup_alive = bool(state.supervisor and state.supervisor.alive())
     services = []
@@ -782,9 +806,12 @@ def status(
         )
     controller_url = state.controller_url
     models, models_error = _models_from_controller(controller_url, _read_token(cfg, rd), state)
+    ttft = _ttft_p50(state.api_url)
+    for row in models:
+        row["ttft_p50_s"] = ttft.get(row["name"])
     running = state.phase not in (Phase.STOPPED,) and any(s["pid"] for s in services)
     healthy = bool(services) and all(s["healthy"] for s in services) and sup_alive
-    report = {
+    return {
         "stack": state.stack,
         "run_dir": str(rd.root),
         "phase": state.phase.value,
@@ -801,20 +828,58 @@ def status(
         "models": models,
         "models_error": models_error,
     }
+
+
+def status(
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    as_json: JsonOpt = False,
+    run_dir: RunDirOpt = None,
+    watch: Annotated[
+        float | None,
+        typer.Option("--watch", "-w", help="Refresh in place every N seconds (Ctrl-C to leave).", min=0.2),
+    ] = None,
+) -> None:
+    """Show every service (state, pid, uptime, restarts, address, health) and every model (workers, queue,
+    running, tokens/s, TTFT p50, memory). Exit code 0 only when every service is healthy and supervised;
+    1 otherwise; 3 when the stack is not running.
+
+    Examples: `llmstack status`, `llmstack status --json`, `llmstack status --watch 2`."""
+    rd, cfg = _run_dir(config, run_dir)
+    state = rd.read_state()
+    if state is None:
+        if as_json:
+            console.print_json(json.dumps({"running": False, "run_dir": str(rd.root), "healthy": False}))
+        else:
+            console.print(f"not running: no stack state in {rd.root}")
+        raise typer.Exit(EXIT_ENV)
+    if watch is not None and not as_json:
+        from rich.live import Live
+
+        with contextlib.suppress(KeyboardInterrupt), Live(console=console, auto_refresh=False) as live:
+            while True:
+                state = rd.read_state() or state
+                live.update(_status_renderable(_status_report(cfg, rd, state)), refresh=True)
+                time.sleep(watch)
+        raise typer.Exit(EXIT_OK)
+    report = _status_report(cfg, rd, state)
     if as_json:
         console.print_json(json.dumps(report))
     else:
-        _print_status(report)
-    if not running:
+        console.print(_status_renderable(report))
+    if not report["running"]:
         raise typer.Exit(EXIT_ENV)
-    raise typer.Exit(EXIT_OK if healthy else EXIT_FAILED)
+    raise typer.Exit(EXIT_OK if report["healthy"] else EXIT_FAILED)
 
 
-def _print_status(report: dict) -> None:
+def _status_renderable(report: dict) -> Any:
+    from rich.console import Group
+    from rich.text import Text
+
+    parts: list[Any] = []
     sup = report["supervisor"]
     head = f"stack {report['stack']!r}: {report['phase']}"
     head += f", supervisor pid {sup['pid']}" if sup["alive"] else ", [bold red]supervisor not running[/]"
-    console.print(head)
+    parts.append(head)
     t = Table(title="services", title_justify="left")
     for col in ("service", "state", "pid", "uptime", "restarts", "address", "health"):
         t.add_column(col)
@@ -829,27 +894,30 @@ def _print_status(report: dict) -> None:
             s["address"],
             f"[{style}]{s['health']}[/]",
         )
-    console.print(t)
+    parts.append(t)
     for s in report["services"]:
         if s["message"]:
-            console.print(f"  {s['name']}: {s['message']}", markup=False)
+            parts.append(Text(f"  {s['name']}: {s['message']}"))
     if report["models"]:
         m = Table(title="models", title_justify="left")
-        for col in ("model", "workers", "queue", "running", "tokens/s", "memory"):
+        for col in ("model", "workers", "queue", "running", "tokens/s", "TTFT p50", "memory"):
             m.add_column(col)
         for row in report["models"]:
             mem = f"{row['memory_bytes'] / 2**20:.0f} MiB" if row["memory_bytes"] else "-"
+            ttft = row.get("ttft_p50_s")
             m.add_row(
                 row["name"],
                 str(row["workers"]),
                 str(row["queue_length"]),
                 str(row["running"]),
                 f"{row['tokens_per_s']:.1f}",
+                "-" if ttft is None else f"{ttft * 1000:.0f} ms",
                 mem,
             )
-        console.print(m)
+        parts.append(m)
     elif report["models_error"]:
-        console.print(f"models: unavailable ({report['models_error']})", markup=False)
+        parts.append(Text(f"models: unavailable ({report['models_error']})"))
+    return Group(*parts)
 
 
 # -- logs ---------------------------------------------------------------------------------------------------------
