@@ -26,6 +26,6 @@ if [ "${LLMSTACK_SKIP_SYSTEM_PACKAGES:-0}" != 1 ] && command -v apt-get >/dev/nu
   sudo_cmd=""
   [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium openssh-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium openssh-server openssh-client iproute2 fonts-noto-cjk >/dev/null
 fi
 "$PY" -c "import torch, transformers, llmstack; print('llmstack', llmstack.__version__, 'torch', torch.__version__)"

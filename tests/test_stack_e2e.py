@@ -203,8 +203,22 @@ def test_up_chat_status_logs_down(stack: StackFiles) -> None:
     models = {m["name"]: m for m in report["models"]}
     assert models["tiny-chat"]["workers"] == 1 and models["tiny"]["workers"] == 1
     assert models["tiny-chat"]["memory_bytes"] > 10 * 2**20
+    assert models["tiny-chat"]["ttft_p50_s"] > 0  # live figure from the API server's metrics
     human = llmstack("status", "-c", str(stack.config))
     assert human.returncode == 0 and "worker-tiny-chat" in human.stdout and "tiny-chat" in human.stdout
+    assert "TTFT p50" in human.stdout
+    import pexpect  # a terminal, so the live display redraws in place
+
+    watch = pexpect.spawn(
+        sys.executable, ["-m", "llmstack", "status", "--watch", "0.3", "-c", str(stack.config)],
+        cwd=str(REPO_ROOT), env={**os.environ, **DEFAULT_ENV, "COLUMNS": "200"}, encoding="utf-8", timeout=30,
+    )  # fmt: skip
+    watch.expect("TTFT p50")
+    watch.expect("TTFT p50")  # drawn again at the next refresh
+    watch.sendintr()
+    watch.expect(pexpect.EOF)
+    watch.close()
+    assert watch.exitstatus == 0
 
     again = llmstack("up", "--detach", "-c", str(stack.config))
     assert again.returncode == 3 and "already running" in again.stderr
