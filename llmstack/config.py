@@ -121,7 +121,9 @@ class ModelSection(_Section):
     load_8bit: bool = False
     cpu_offloading: bool = False
     conv_template: str | None = None
-    limit_worker_concurrency: int = Field(5, ge=1)
+    limit_worker_concurrency: int | None = Field(None, ge=1, description="default: max_batch_size (vllm: 1024)")
+    max_batch_size: int | None = Field(None, ge=1, description="transformers: sequences decoded together")
+    max_batch_tokens: int | None = Field(None, ge=1, description="transformers: KV positions the batch may hold")
     max_queue: int = Field(256, ge=0)
     stream_interval: int = Field(1, ge=1)
     seed: int | None = None
@@ -178,6 +180,7 @@ class ModelSection(_Section):
             ("--device", self.device), ("--gpus", self.gpus), ("--num-gpus", self.num_gpus),
             ("--max-gpu-memory", self.max_gpu_memory), ("--dtype", self.dtype),
             ("--conv-template", self.conv_template), ("--limit-worker-concurrency", self.limit_worker_concurrency),
+            ("--max-batch-size", self.max_batch_size), ("--max-batch-tokens", self.max_batch_tokens),
             ("--max-queue", self.max_queue), ("--stream-interval", self.stream_interval), ("--seed", self.seed),
             ("--heartbeat-interval", self.heartbeat_interval),
         ):  # fmt: skip

@@ -1,7 +1,13 @@
 """Hugging Face transformers engine: accelerate device maps, bitsandbytes 8-bit, GPTQ/AWQ checkpoints.
 
 Generation runs on one dedicated thread that owns the model (forward passes never block the event
-loop); each request streams its chunks back through an asyncio queue.
+loop); each request streams its chunks back through an asyncio queue.  That thread batches
+continuously: every request is prefilled alone as soon as the batch has room, then joins the running
+batch, which advances all its sequences one token per forward pass; finished or aborted sequences
+leave between steps.  The batch is bounded by `max_batch_size` rows and `max_batch_tokens` cached
+positions (rows x padded width, see `kvbatch`).  Each sequence keeps its own sampler, seed, stops
+and limits, so its output does not depend on its neighbours (greedy output in a batch equals greedy
+output alone).  Models whose code cannot take a batched cache fall back to one sequence at a time.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,13 +25,17 @@ from typing import Any
 from ..errors import InvalidRequest
 from ..wire import SamplingParams, WorkerKind
 from .base import Chunk, Engine, EngineStats
-from .sampling import SequenceSampler
+from .kvbatch import BatchKV, cache_was_used, new_cache
+from .sampling import SequenceSampler, sample_rows
 from .templates import ChatRenderer
 from .textstream import IncrementalDetokenizer, StopStrings
 
 log = logging.getLogger("llmstack.engine.hf")
 
 _GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+# Prefill tokens per scheduler step before the running rows get their next decode step: a burst of
+# arrivals must not stall streams already running for long.
+_PREFILL_TOKENS_PER_STEP = 512
 _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", "model_max_length", "n_positions")
 
 
@@ -50,6 +61,8 @@ class HFEngineConfig:
     embed_in_truncate: bool = False
     gptq: dict[str, Any] = field(default_factory=dict)  # wbits, groupsize, act_order, ckpt
     awq: dict[str, Any] = field(default_factory=dict)  # wbits, groupsize, ckpt
+    max_batch_size: int = 32  # sequences decoded together in one forward pass
+    max_batch_tokens: int = 16384  # KV-cache positions the batch may hold (rows x padded width)
 
 
 @dataclass
@@ -191,9 +204,24 @@ def context_length_of(model_config: Any, tokenizer: Any | None = None) -> int:
 
 
 class _Sequence:
-    """One generation: its inputs, sampler and the queue the engine thread writes chunks to."""
+    """One generation: its inputs, its per-request state (engine thread only) and the queue the
+    engine thread writes chunks to."""
 
-    __slots__ = ("prompt_ids", "params", "out", "loop", "cancelled")
+    __slots__ = (
+        "prompt_ids",
+        "params",
+        "out",
+        "loop",
+        "cancelled",
+        "generated",
+        "sampler",
+        "detok",
+        "stops",
+        "stop_ids",
+        "limit",
+        "pending_text",
+        "pending_tokens",
+    )
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop) -> None:
         self.prompt_ids = prompt_ids
@@ -201,15 +229,42 @@ class _Sequence:
         self.loop = loop
         self.out: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         self.cancelled = False
+        self.generated: list[int] = []
+        self.sampler: SequenceSampler | None = None
+        self.detok: IncrementalDetokenizer | None = None
+        self.stops: StopStrings | None = None
+        self.stop_ids: set[int] = set()
+        self.limit = 0
+        self.pending_text = ""
+        self.pending_tokens = 0
 
     def push(self, item: Chunk | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+    def context(self) -> list[int]:
+        """What a prefill feeds: the prompt plus anything generated before the sequence was preempted."""
+        return self.prompt_ids + self.generated if self.generated else self.prompt_ids
+
+    @property
+    def position(self) -> int:
+        """Position id of the newest token (the next decode step's input)."""
+        return len(self.prompt_ids) + len(self.generated) - 1
+
+
+@dataclass
+class HFEngineStats(EngineStats):
+    batch_size: int = 0  # sequences in the running batch right now
+    max_batch_size: int = 0
+    batched: bool = True  # False when the model only supports sequential generation
+    preemptions: int = 0  # rows evicted (and later resumed) to keep within the token budget, since start
 
 
 class HFEngine(Engine):
     name = "transformers"
 
     def __init__(self, cfg: HFEngineConfig) -> None:
+        if cfg.max_batch_size < 1 or cfg.max_batch_tokens < 1:
+            raise EngineConfigError("--max-batch-size and --max-batch-tokens must be at least 1")
         self.cfg = cfg
         self.kind: WorkerKind = "chat"
         self.context_length = 2048
@@ -217,9 +272,19 @@ class HFEngine(Engine):
         self.tokenizer: Any = None
         self.renderer: ChatRenderer | None = None
         self.eos_ids: set[int] = set()
+        # Unbounded by itself, but only the worker's admission limit of requests can be in it.
         self._pending: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
-        self._waiting = 0
-        self._running = 0
+        self._waiting: deque[_Sequence] = deque()  # engine thread only
+        self._rows: list[_Sequence] = []  # the running batch, row i of the KV cache; engine thread only
+        self._kv: BatchKV | None = None
+        self._num_layers = 0
+        self._batched = True
+        self._logits_to_keep = True
+        self._preemptions = 0
+        # Waiting = submitted - taken; each counter has one writer (event loop / engine thread), so
+        # neither needs a lock (a shared `+=` from two threads could lose updates).
+        self._submitted = 0
+        self._taken = 0
         self._speed = 0.0
         self._thread: threading.Thread | None = None
         self._embed_lock = threading.Lock()
@@ -260,13 +325,63 @@ class HFEngine(Engine):
         if self.kind == "chat":
             self.renderer = ChatRenderer(self.tokenizer, cfg.model_path, cfg.conv_template)
             self.eos_ids = _eos_ids(model, self.tokenizer)
+            reason = self._batching_unsupported()
+            self._batched = reason is None
+            if reason is not None:
+                log.warning("continuous batching is off for this model (%s): requests run one at a time", reason)
         log.info(
-            "loaded in %.1fs: context %d, template %s, eos %s",
+            "loaded in %.1fs: context %d, template %s, eos %s, %s",
             time.perf_counter() - started,
             self.context_length,
             self.renderer.name if self.renderer else "-",
             sorted(self.eos_ids),
+            f"batching up to {cfg.max_batch_size} sequences / {cfg.max_batch_tokens} cached tokens"
+            if self._batched
+            else "sequential generation",
         )
+
+    def _batching_unsupported(self) -> str | None:
+        """Why the batched path cannot run this model, or None.  Checked once, by running it: a tiny
+        two-row batch must reproduce the logits of the same sequence run alone."""
+        import torch
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        text_config = self.model.config.get_text_config(decoder=True)
+        self._num_layers = int(getattr(text_config, "num_hidden_layers", 0) or 0)
+        if self._num_layers <= 0:
+            return "its config does not say how many layers it has"
+        try:
+            layers = DynamicCache(config=self.model.config).layers
+        except Exception:  # remote code with a config transformers' cache cannot read
+            layers = []
+        if any(type(layer) is not DynamicLayer for layer in layers):
+            return "it has sliding-window or recurrent cache layers"
+        short, long = [1, 2], [3, 4, 5]
+        try:
+            with torch.inference_mode():
+                solo_cache, solo_logits = self._prefill(long)
+                if not cache_was_used(solo_cache):
+                    return "its code keeps its own legacy cache"
+                kv = BatchKV(self._num_layers)
+                kv.merge([self._prefill(short)[0], solo_cache])
+                ids = torch.tensor([[6], [6]], device=self.device)
+                pos = torch.tensor([[len(short)], [len(long)]], device=self.device)
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=kv.step_mask(),
+                    position_ids=pos,
+                    past_key_values=kv.cache,
+                    use_cache=True,
+                )
+                alone_cache, _ = self._prefill(long)
+                alone = self.model(input_ids=ids[:1], past_key_values=alone_cache, use_cache=True).logits[0, -1]
+        except Exception as exc:
+            return f"a batched forward pass failed: {type(exc).__name__}: {exc}"
+        del solo_logits
+        batched = out.logits[1, -1].float()
+        if not torch.allclose(batched, alone.float(), rtol=1e-2, atol=1e-2 * float(alone.abs().max()) + 1e-3):
+            return "its batched output differs from its solo output (it ignores the attention mask or positions)"
+        return None
 
     async def close(self) -> None:
         if self._thread is not None:
@@ -288,10 +403,10 @@ class HFEngine(Engine):
     def template_stop(self) -> list[str]:
         return self.renderer.stop if self.renderer else []
 
-    # -- generation ---------------------------------------------------------------------------------------
+    # -- generation: request side -------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
         seq = _Sequence(prompt_ids, params, asyncio.get_running_loop())
-        self._waiting += 1
+        self._submitted += 1
         self._pending.put(seq)
         try:
             while True:
@@ -302,82 +417,249 @@ class HFEngine(Engine):
                 if item.finish_reason is not None:
                     return
         finally:
-            seq.cancelled = True  # the thread drops it at its next step
+            seq.cancelled = True  # the engine thread drops it before its next step
 
+    def stats(self) -> HFEngineStats:
+        rows = len(self._rows)
+        return HFEngineStats(
+            waiting=max(0, self._submitted - self._taken),
+            running=rows,
+            tokens_per_s=self._speed,
+            batch_size=rows,
+            max_batch_size=self.cfg.max_batch_size if self._batched else 1,
+            batched=self._batched,
+            preemptions=self._preemptions,
+        )
+
+    # -- generation: engine thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
         import torch
 
         with torch.inference_mode():
             while True:
-                seq = self._pending.get()
-                if seq is None:
-                    return
-                self._waiting -= 1
-                if seq.cancelled:
-                    continue
-                self._running += 1
-                try:
-                    self._run_sequence(seq)
-                except Exception as exc:  # surfaced to the request as a typed error
-                    log.exception("generation failed")
-                    seq.push(exc)
-                finally:
-                    self._running -= 1
+                if not self._rows and not self._waiting:
+                    first = self._pending.get()  # idle: block until a request arrives
+                    if first is None:
+                        break
+                    self._waiting.append(first)
+                if not self._drain_pending():
+                    break
+                started = time.perf_counter()
+                if self._batched:
+                    emitted = self._step()
+                else:
+                    emitted = self._run_next_alone()
+                self._note_speed(emitted, time.perf_counter() - started)
+        stopped = RuntimeError("the engine is shutting down")
+        for seq in [*self._rows, *self._waiting]:
+            seq.push(stopped)
+        self._rows, self._kv = [], None
 
-    def _run_sequence(self, seq: _Sequence) -> None:
+    def _drain_pending(self) -> bool:
+        """Move newly submitted sequences to the waiting line; False once close() asked us to stop."""
+        while True:
+            try:
+                seq = self._pending.get_nowait()
+            except queue.Empty:
+                return True
+            if seq is None:
+                return False
+            self._waiting.append(seq)
+
+    def _take_waiting(self) -> _Sequence:
+        self._taken += 1
+        return self._waiting.popleft()
+
+    def _note_speed(self, tokens: int, elapsed: float) -> None:
+        if tokens and elapsed > 0:
+            rate = tokens / elapsed
+            self._speed = rate if self._speed == 0 else 0.9 * self._speed + 0.1 * rate
+
+    def _prepare(self, seq: _Sequence) -> None:
+        params = seq.params
+        seq.limit = params.max_tokens or max(1, self.context_length - len(seq.prompt_ids))
+        seq.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        seq.sampler = SequenceSampler(params, seq.prompt_ids, self.device)
+        seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
+        seq.stops = StopStrings(params.stop)
+
+    def _accept(self, seq: _Sequence, token: int) -> bool:
+        """Record a sampled token, stream what is due; True when the sequence is finished."""
+        assert seq.detok is not None and seq.stops is not None
+        seq.generated.append(token)
+        seq.pending_tokens += 1
+        finish: str | None = None
+        if token in seq.stop_ids:
+            finish = "stop"
+        else:
+            text, hit = seq.stops.feed(seq.detok.add(token))
+            seq.pending_text += text
+            if hit:
+                finish = "stop"
+            elif len(seq.generated) >= seq.limit:
+                finish = "length"
+        if finish is not None:
+            if finish == "length" or token in seq.stop_ids:
+                tail, hit = seq.stops.feed(seq.detok.flush())
+                seq.pending_text += tail if hit else tail + seq.stops.flush()
+            seq.push(Chunk(seq.pending_text, seq.pending_tokens, finish))
+            return True
+        if seq.pending_tokens >= max(1, self.cfg.stream_interval) and seq.pending_text:
+            seq.push(Chunk(seq.pending_text, seq.pending_tokens))
+            seq.pending_text, seq.pending_tokens = "", 0
+        return False
+
+    def _prefill(self, ids: list[int]) -> tuple[Any, Any]:
+        """Run one sequence's context alone into a fresh cache; its last position's logits."""
         import torch
 
-        params = seq.params
-        limit = params.max_tokens or (self.context_length - len(seq.prompt_ids))
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
-        sampler = SequenceSampler(params, seq.prompt_ids, self.device)
-        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
-        stops = StopStrings(params.stop)
-        interval = max(1, self.cfg.stream_interval)
+        cache = new_cache(self._num_layers)
+        input_ids = torch.tensor([ids], device=self.device)
+        if self._logits_to_keep:
+            try:  # only the last position's logits: a long prompt x a large vocabulary is a lot of memory
+                out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                return cache, out.logits[0, -1]
+            except TypeError:  # remote code without the argument
+                self._logits_to_keep = False
+                cache = new_cache(self._num_layers)
+        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        return cache, out.logits[0, -1]
 
-        input_ids = torch.tensor([seq.prompt_ids], device=self.device)
-        started = time.perf_counter()
-        out = self.model(input_ids=input_ids, use_cache=True)
-        past = out.past_key_values
-        logits = out.logits[0, -1]
-        pending_text, pending_tokens, generated = "", 0, 0
-        finish: str | None = None
-        while True:
+    def _step(self) -> int:
+        """One scheduler iteration: drop aborted rows, admit and prefill newcomers, one decode step
+        for the whole batch, then keep the cache within the token budget.  Returns tokens produced."""
+        if self._kv is None:
+            self._kv = BatchKV(self._num_layers)
+        self._keep_rows([i for i, seq in enumerate(self._rows) if not seq.cancelled])
+        emitted = 0
+        try:
+            emitted += self._admit()
+            if self._rows:
+                emitted += self._decode()
+        except Exception as exc:  # a failed batch forward: every running sequence gets the error
+            log.exception("batched generation failed")
+            for seq in self._rows:
+                seq.push(exc)
+            self._rows, self._kv = [], BatchKV(self._num_layers)
+            return emitted
+        self._enforce_budget()
+        return emitted
+
+    def _admit(self) -> int:
+        kv = self._kv
+        assert kv is not None
+        budget, max_rows = self.cfg.max_batch_tokens, self.cfg.max_batch_size
+        joining: list[_Sequence] = []
+        caches: list[Any] = []
+        prefilled = emitted = 0
+        width = kv.width
+        while self._waiting and len(self._rows) + len(joining) < max_rows:
+            seq = self._waiting[0]
             if seq.cancelled:
-                return
-            token = sampler.sample(logits)
-            generated += 1
-            pending_tokens += 1
-            if token in stop_ids:
-                finish = "stop"
-            else:
-                text, hit = stops.feed(detok.add(token))
-                pending_text += text
-                if hit:
-                    finish = "stop"
-                elif generated >= limit:
-                    finish = "length"
-            if finish is not None:
-                if finish == "length" or token in stop_ids:
-                    tail, hit = stops.feed(detok.flush())
-                    pending_text += tail if hit else tail + stops.flush()
-                seq.push(Chunk(pending_text, pending_tokens, finish))
-                break
-            if pending_tokens >= interval and pending_text:
-                seq.push(Chunk(pending_text, pending_tokens))
-                pending_text, pending_tokens = "", 0
-            out = self.model(
-                input_ids=torch.tensor([[token]], device=self.device), past_key_values=past, use_cache=True
-            )
-            past = out.past_key_values
-            logits = out.logits[0, -1]
-        elapsed = time.perf_counter() - started
-        if elapsed > 0:
-            rate = generated / elapsed
-            self._speed = rate if self._speed == 0 else 0.8 * self._speed + 0.2 * rate
+                self._take_waiting()
+                continue
+            context = seq.context()
+            rows_after, width_after = len(self._rows) + len(joining) + 1, max(width, len(context))
+            if rows_after > 1 and rows_after * width_after > budget:
+                break  # it waits until rows leave; a lone sequence is always admitted
+            if joining and prefilled + len(context) > _PREFILL_TOKENS_PER_STEP:
+                break  # let the running rows take a decode step before more prefill
+            self._take_waiting()
+            prefilled += len(context)
+            if seq.sampler is None:
+                self._prepare(seq)
+            assert seq.sampler is not None
+            try:
+                cache, logits = self._prefill(context)
+            except Exception as exc:  # e.g. out of memory on one long prompt: only that request fails
+                log.exception("prefill failed")
+                seq.push(exc)
+                continue
+            emitted += 1
+            if self._accept(seq, seq.sampler.sample(logits)) or seq.cancelled:
+                continue
+            joining.append(seq)
+            caches.append(cache)
+            width = width_after
+        if joining:
+            try:
+                kv.merge(caches)
+            except Exception as exc:  # e.g. out of memory: the newcomers are not rows yet, tell them here
+                for seq in joining:
+                    seq.push(exc)
+                raise
+            self._rows.extend(joining)
+        return emitted
 
-    def stats(self) -> EngineStats:
-        return EngineStats(waiting=self._waiting, running=self._running, tokens_per_s=self._speed)
+    def _decode(self) -> int:
+        import torch
+
+        kv = self._kv
+        assert kv is not None
+        rows = self._rows
+        ids = torch.tensor([[seq.generated[-1]] for seq in rows], device=self.device)
+        positions = torch.tensor([[seq.position] for seq in rows], device=self.device)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=kv.step_mask(),
+            position_ids=positions,
+            past_key_values=kv.cache,
+            use_cache=True,
+        )
+        kv.advance()
+        tokens = sample_rows([seq.sampler for seq in rows], out.logits[:, -1])  # type: ignore[misc]
+        keep = [i for i, (seq, token) in enumerate(zip(rows, tokens, strict=True)) if not self._accept(seq, token)]
+        self._keep_rows(keep)
+        return len(rows)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        if len(keep) == len(self._rows):
+            return
+        assert self._kv is not None
+        self._kv.select(keep)
+        self._rows = [self._rows[i] for i in keep]
+
+    def _enforce_budget(self) -> None:
+        """Growing rows can push the padded cache past the token budget: preempt the newest rows (they
+        go back to the front of the line and are prefilled again, prompt plus output, when room frees)."""
+        kv = self._kv
+        assert kv is not None
+        rows = len(self._rows)
+        keep = rows
+        while keep > 1 and keep * (kv.width + 1) > self.cfg.max_batch_tokens:
+            keep -= 1
+        if keep == rows:
+            return
+        evicted = self._rows[keep:]
+        log.info("token budget reached: preempting %d of %d sequences", len(evicted), rows)
+        self._keep_rows(list(range(keep)))
+        self._preemptions += len(evicted)
+        for seq in reversed(evicted):
+            self._waiting.appendleft(seq)
+            self._taken -= 1
+
+    def _run_next_alone(self) -> int:
+        """Sequential fallback for models the batched path cannot drive: one sequence to completion,
+        through the model's own cache object."""
+        import torch
+
+        seq = self._take_waiting()
+        if seq.cancelled:
+            return 0
+        self._rows = [seq]
+        try:
+            self._prepare(seq)
+            assert seq.sampler is not None
+            out = self.model(input_ids=torch.tensor([seq.prompt_ids], device=self.device), use_cache=True)
+            while not self._accept(seq, seq.sampler.sample(out.logits[0, -1])) and not seq.cancelled:
+                token = torch.tensor([[seq.generated[-1]]], device=self.device)
+                out = self.model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        except Exception as exc:  # surfaced to the request as a typed error
+            log.exception("generation failed")
+            seq.push(exc)
+        finally:
+            self._rows = []
+        return len(seq.generated)
 
     # -- embeddings ----------------------------------------------------------------------------------------
     async def embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:

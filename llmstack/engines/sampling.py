@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,20 @@ class SequenceSampler:
             logits[idx] -= p.presence_penalty + p.frequency_penalty * cnt
         return logits
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that depends on history: the argmax of a whole batch can serve it."""
+        p = self.params
+        return (
+            p.temperature < GREEDY_BELOW
+            and p.repetition_penalty == 1.0
+            and not p.presence_penalty
+            and not p.frequency_penalty
+        )
+
+    def record(self, token: int) -> None:
+        self.counts[token] = self.counts.get(token, 0) + 1
+
     def sample(self, logits: torch.Tensor) -> int:
         logits = self.process(logits.float())
         p = self.params
@@ -64,5 +79,25 @@ class SequenceSampler:
                 logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
             probs = torch.softmax(logits, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
-        self.counts[token] = self.counts.get(token, 0) + 1
+        self.record(token)
         return token
+
+
+def sample_rows(samplers: Sequence[SequenceSampler], logits: torch.Tensor) -> list[int]:
+    """One token per row of a (rows, vocab) logits batch, each with its row's own sampler.
+
+    Plain greedy rows share one batched argmax (a per-row Python call costs more than the argmax
+    itself at large batch sizes); every other row goes through its sampler alone.
+    """
+    greedy = [i for i, s in enumerate(samplers) if s.plain_greedy]
+    tokens: list[int] = [0] * len(samplers)
+    if greedy:
+        picked = logits.argmax(dim=-1).tolist()  # argmax is exact in any dtype: no float() copy needed
+        for i in greedy:
+            token = int(picked[i])
+            samplers[i].record(token)
+            tokens[i] = token
+    for i, sampler in enumerate(samplers):
+        if not sampler.plain_greedy:
+            tokens[i] = sampler.sample(logits[i])
+    return tokens
