@@ -204,6 +204,7 @@ class APISection(_Section):
     api_keys: list[str] = Field(default_factory=list)
     sync_interval: float = Field(1.0, gt=0)
     request_timeout: float = Field(600.0, gt=0)
+    stream_timeout: float = Field(60.0, gt=0, description="longest silence from a worker mid-stream")
     ssl: TLS = TLS()
 
     @property
@@ -216,6 +217,7 @@ class APISection(_Section):
         return [
             "--host", self.host, "--port", str(self.port), "--controller-address", controller_url,
             "--sync-interval", str(self.sync_interval), "--request-timeout", str(self.request_timeout),
+            "--stream-timeout", str(self.stream_timeout),
             *self.ssl.args(),
         ]  # fmt: skip
 

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .dispatch import Candidate, choose
-from .errors import Conflict, NotFound, ServiceUnavailable
+from .errors import AuthenticationError, Conflict, NotFound, ServiceUnavailable
 from .metrics import counter_collector, gauge_collector
 from .service import check_bearer, install_error_handlers
 from .wire import (
@@ -59,6 +59,7 @@ class Registry:
         self.clock = clock
         self.rng = random.Random()
         self._workers: dict[str, _Worker] = {}
+        self.started_at = clock()
         self.events = {"registered": 0, "replaced": 0, "expired": 0, "unregistered": 0, "refused": 0}
 
     def register(self, reg: WorkerRegistration) -> None:
@@ -116,7 +117,9 @@ class Registry:
             )
             for w in self.live_workers()
         ]
-        return WorkerTable(dispatch_method=self.settings.dispatch_method, workers=entries)
+        # right after a (re)start the table is incomplete until every live worker's next heartbeat
+        warming_up = now - self.started_at < self.settings.heartbeat_expiry
+        return WorkerTable(dispatch_method=self.settings.dispatch_method, workers=entries, warming_up=warming_up)
 
     def models(self) -> list[str]:
         return sorted({name for w in self.live_workers() for name in w.registration.model_names})
@@ -133,6 +136,10 @@ class Registry:
             for w in live
         ]
         return choose(candidates, self.settings.dispatch_method, self.rng).address
+
+
+def _client(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "unknown"
 
 
 def build_controller_app(settings: ControllerSettings) -> FastAPI:
@@ -173,7 +180,12 @@ def build_controller_app(settings: ControllerSettings) -> FastAPI:
     tokens = [settings.cluster_token] if settings.cluster_token else []
 
     def require_token(request: Request) -> None:
-        check_bearer(request, tokens, what="cluster token")
+        try:
+            check_bearer(request, tokens, what="cluster token")
+        except AuthenticationError:
+            registry.events["refused"] += 1
+            log.warning("refused %s from %s: missing or wrong cluster token", request.url.path, _client(request))
+            raise
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint() -> Response:

@@ -3,6 +3,7 @@ bearer-token checks and the uvicorn runner."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import hmac
@@ -248,6 +249,19 @@ def serve(
 ) -> None:
     import uvicorn
 
+    class Server(uvicorn.Server):
+        """Runs the app's `before_drain` hook (e.g. a worker leaving the controller) when a stop begins,
+        before uvicorn stops accepting and waits up to `drain_timeout` for requests under way."""
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            hook = getattr(getattr(app, "state", None), "before_drain", None)
+            if hook is not None:
+                try:
+                    await asyncio.wait_for(hook(), timeout=5.0)
+                except Exception as exc:  # a failed hook must not stop the drain
+                    log.warning("before-drain step failed: %s", exc)
+            await super().shutdown(sockets)
+
     tls = tls or TLSFiles()
     config = uvicorn.Config(
         RequestContextMiddleware(app, max_body_bytes),
@@ -260,7 +274,7 @@ def serve(
         timeout_graceful_shutdown=drain_timeout,
         timeout_keep_alive=30,
     )
-    uvicorn.Server(config).run()
+    Server(config).run()
 
 
 class StreamingResponseWithDisconnect(StreamingResponse):
@@ -268,13 +282,21 @@ class StreamingResponseWithDisconnect(StreamingResponse):
     it does (so generation upstream is aborted without waiting for the next token to fail a send)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as group:
+        try:
+            async with anyio.create_task_group() as group:
 
-            async def run_stream() -> None:
-                with contextlib.suppress(OSError):
-                    await self.stream_response(send)
+                async def run_stream() -> None:
+                    with contextlib.suppress(OSError):
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(run_stream)
+                await self.listen_for_disconnect(receive)
                 group.cancel_scope.cancel()
-
-            group.start_soon(run_stream)
-            await self.listen_for_disconnect(receive)
-            group.cancel_scope.cancel()
+        finally:
+            # A cancel that lands while a chunk is being sent leaves the body iterator suspended at its
+            # yield; close it now (not at some later garbage collection) so the upstream stream ends.
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                with anyio.CancelScope(shield=True):
+                    await close()

@@ -40,11 +40,19 @@ class WorkerRegistration(_Strict):
     def _http_url(cls, value: str) -> str:
         from urllib.parse import urlsplit
 
+        if not value.isascii() or any(c.isspace() or ord(c) < 32 for c in value):
+            raise ValueError("must be a plain ASCII URL without spaces or control characters")
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
             raise ValueError("must be an http(s) URL with host and port, such as http://127.0.0.1:21002")
         if parts.username or parts.password or parts.query or parts.fragment:
             raise ValueError("must not carry credentials, a query or a fragment")
+        try:
+            port = parts.port  # urlsplit raises on a port out of range or not a number
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        if port == 0:
+            raise ValueError("has an invalid port")
         return value.rstrip("/")
 
     @field_validator("model_names")
@@ -81,6 +89,11 @@ class WorkerEntry(WorkerRegistration):
 class WorkerTable(BaseModel):
     dispatch_method: DispatchMethod
     workers: list[WorkerEntry]
+    warming_up: bool = Field(
+        False,
+        description="the controller started less than one heartbeat expiry ago: live workers may not have "
+        "registered again yet, so readers should keep the workers they already know",
+    )
 
 
 class Lookup(_Strict):

@@ -15,15 +15,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from .engines.base import Engine
-from .errors import ContextLengthExceeded, InvalidRequest, LLMStackError, Overloaded
+from .errors import ContextLengthExceeded, InvalidRequest, LLMStackError, Overloaded, ServiceUnavailable
 from .metrics import MetricsMiddleware, RequestTracker, ServingMetrics, gauge_collector
-from .service import install_error_handlers
+from .service import check_bearer, install_error_handlers, is_loopback
 from .wire import (
     CountTokensRequest,
     EmbedReply,
@@ -62,9 +63,14 @@ class Admission:
         self.waiting = 0
         self.running = 0
 
+    @property
+    def full(self) -> bool:
+        """No free slot and `max_queue` already waiting (so `max_queue = 0` means: no waiting at all)."""
+        return self._sem.locked() and self.waiting >= self.max_queue
+
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        if self.waiting >= self.max_queue:
+        if self.full:
             raise Overloaded(f"worker queue is full ({self.max_queue} waiting)", retry_after=1)
         self.waiting += 1
         try:
@@ -88,6 +94,9 @@ class WorkerService:
         self.metrics = ServingMetrics("worker")
         self.admission = Admission(settings.limit_worker_concurrency, settings.max_queue)
         self.ready = False
+        self.draining = False
+        self.client: httpx.AsyncClient | None = None
+        self.link: asyncio.Task[None] | None = None
         self.served = 0  # requests answered, and tokens generated: cheap counters for /health
         self.generated_tokens = 0
 
@@ -122,6 +131,8 @@ class WorkerService:
 
     def check_budget(self, prompt_len: int, params: SamplingParams) -> SamplingParams:
         ctx = self.engine.context_length
+        if prompt_len == 0:  # nothing to condition on: engines cannot start a sequence from no tokens
+            raise InvalidRequest("The prompt is empty; send at least some text.", param="prompt")
         if prompt_len >= ctx:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {ctx} tokens. However, your messages resulted in "
@@ -247,6 +258,19 @@ class WorkerService:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.settings.heartbeat_interval)
 
+    async def begin_drain(self) -> None:
+        """On SIGTERM, before the server drains: refuse new work and leave the controller's table, so
+        routing moves away while the requests under way finish."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("stopping: unregistering, then finishing %d request(s) under way", self.admission.running)
+        if self.link is not None:
+            self.link.cancel()
+            self.link = None
+            if self.client is not None:
+                await self.unregister(self.client)
+
     async def unregister(self, client: httpx.AsyncClient) -> None:
         base = self.settings.controller_address
         body = Unregister(worker_id=self.settings.worker_id, worker_address=self.settings.worker_address)
@@ -275,22 +299,29 @@ def build_worker_app(settings: WorkerSettings, engine: Engine) -> FastAPI:
         await engine.start()
         service.ready = True
         headers = {"Authorization": f"Bearer {settings.cluster_token}"} if settings.cluster_token else {}
-        client = httpx.AsyncClient(timeout=5.0, headers=headers)
-        task = None
+        client = service.client = httpx.AsyncClient(timeout=5.0, headers=headers)
         if settings.register and settings.controller_address:
-            task = asyncio.create_task(service.controller_loop(client))
+            service.link = asyncio.create_task(service.controller_loop(client))
         log.info("worker %s serving %s at %s", settings.worker_id, settings.model_names, settings.worker_address)
+        host = urlsplit(settings.worker_address).hostname or ""
+        if not settings.cluster_token and not is_loopback(host):
+            log.warning(
+                "this worker is reachable at %s without a cluster token: anyone who can reach it can use it "
+                "(set --cluster-token)",
+                settings.worker_address,
+            )
         try:
             yield
         finally:
-            if task is not None:
-                task.cancel()
+            if service.link is not None:
+                service.link.cancel()
                 await service.unregister(client)
             await client.aclose()
             await engine.close()
 
     app = FastAPI(title="llmstack worker", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.worker = service
+    app.state.before_drain = service.begin_drain  # `service.serve` calls it on SIGTERM
     install_error_handlers(app)
     metrics = service.metrics
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=_endpoint)
@@ -302,10 +333,15 @@ def build_worker_app(settings: WorkerSettings, engine: Engine) -> FastAPI:
         request.state.tracker = tracker
         return tracker
 
+    tokens = [settings.cluster_token] if settings.cluster_token else []
+
+    def require_token(request: Request) -> None:
+        check_bearer(request, tokens, what="cluster token")
+
     @app.get("/health")
     async def health() -> dict:
         return {
-            "status": "ok" if service.ready else "loading",
+            "status": "draining" if service.draining else "ok" if service.ready else "loading",
             "worker_id": settings.worker_id,
             "model_names": settings.model_names,
             "served": service.served,
@@ -323,7 +359,7 @@ def build_worker_app(settings: WorkerSettings, engine: Engine) -> FastAPI:
             "context_length": engine.context_length,
         }
 
-    @app.post("/count_tokens")
+    @app.post("/count_tokens", dependencies=[Depends(require_token)])
     async def count_tokens(req: CountTokensRequest) -> dict:
         return {"count": len(service.prompt_ids(req)), "context_length": engine.context_length}
 
@@ -331,22 +367,26 @@ def build_worker_app(settings: WorkerSettings, engine: Engine) -> FastAPI:
     async def metrics_endpoint():  # noqa: ANN202
         return metrics.render()
 
-    @app.post("/generate")
+    @app.post("/generate", dependencies=[Depends(require_token)])
     async def generate(req: GenerateRequest, request: Request) -> StreamingResponse:
         tracker = track(request, req.model)
+        if service.draining:  # the API server retries another worker on 503
+            raise ServiceUnavailable("this worker is shutting down", code="worker_stopping")
         if engine.kind != "chat":
             raise InvalidRequest(
                 f"'{settings.model_names[0]}' is an embedding model; use /v1/embeddings", param="model"
             )
         prompt_ids = service.prompt_ids(req)
         params = service.check_budget(len(prompt_ids), req.params)
-        if service.admission.waiting >= service.admission.max_queue:
+        if service.admission.full:
             raise Overloaded(f"worker queue is full ({service.admission.max_queue} waiting)")
         echo = (req.prompt or "") if req.echo else None
         return StreamingResponse(service.stream(prompt_ids, params, echo, tracker), media_type="application/x-ndjson")
 
-    @app.post("/embeddings")
+    @app.post("/embeddings", dependencies=[Depends(require_token)])
     async def embeddings(req: EmbedRequest, request: Request) -> EmbedReply:
+        if service.draining:
+            raise ServiceUnavailable("this worker is shutting down", code="worker_stopping")
         truncate = settings.embed_in_truncate if req.truncate is None else req.truncate
         tracker = track(request, None)
         async with service.admission.slot():

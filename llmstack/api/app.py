@@ -29,8 +29,9 @@ class APISettings:
     api_keys: list[str] = field(default_factory=list)
     cluster_token: str | None = None
     sync_interval: float = 1.0
-    failure_cooldown: float = 5.0
-    request_timeout: float = 600.0
+    failure_cooldown: float = 2.0
+    request_timeout: float = 600.0  # end to end, per request
+    stream_timeout: float = 60.0  # longest silence of a worker between two events of a stream
     max_attempts: int = 3
 
 
@@ -63,7 +64,13 @@ def build_api_app(settings: APISettings) -> FastAPI:
             cluster_token=settings.cluster_token,
         )
         await router.sync_once()
-        workers = WorkerStream(router, client, settings.max_attempts)
+        workers = WorkerStream(
+            router,
+            client,
+            settings.max_attempts,
+            stream_timeout=settings.stream_timeout,
+            request_timeout=settings.request_timeout,
+        )
         app.state.router = router
         app.state.completions = Completions(workers)
         app.state.embeddings = Embeddings(workers)
@@ -154,7 +161,12 @@ def build_api_app(settings: APISettings) -> FastAPI:
     async def health(request: Request) -> dict:
         router: RoutingTable = request.app.state.router
         age = None if router.last_sync is None else round(time.monotonic() - router.last_sync, 3)
-        return {"status": "ok", "models": sorted(router.models()), "routing_table_age": age}
+        return {
+            "status": "ok",
+            "models": sorted(router.models()),
+            "workers": router.usable(),
+            "routing_table_age": age,
+        }
 
     return app
 

@@ -2,8 +2,11 @@
 
 Requests cost one hop (API server -> worker): the table is refreshed in the background, the
 dispatch policy runs here with this server's own in-flight counts, and a worker that refuses
-connections is taken out of rotation at once instead of waiting for its heartbeats to lapse.
-If the controller is unreachable the last table is kept, so serving goes on.
+connections (or stops answering) is taken out of rotation at once instead of waiting for its
+heartbeats to lapse; it returns only once its `/health` answers again, or when a new process
+registers at its address.  If the controller is unreachable the last table is kept, and while a
+restarted controller is still warming up (workers not yet registered again) known workers are kept
+too, so serving goes on through controller restarts.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class RoutingTable:
         client: httpx.AsyncClient,
         *,
         sync_interval: float = 1.0,
-        failure_cooldown: float = 5.0,
+        failure_cooldown: float = 2.0,
         cluster_token: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -79,7 +82,17 @@ class RoutingTable:
             old = self.routes.get(entry.worker_address)
             if old is not None and old.entry.worker_id != entry.worker_id:
                 self.failed_at.pop(entry.worker_address, None)  # a new process took the address
-            routes[entry.worker_address] = Route(entry, old.inflight if old else 0)
+            if old is not None:  # the same object: requests under way decrement the count they incremented
+                old.entry = entry
+                routes[entry.worker_address] = old
+            else:
+                routes[entry.worker_address] = Route(entry)
+        if table.warming_up:  # a restarted controller: keep healthy workers it has not heard from yet
+            for address, old in self.routes.items():
+                if address not in routes and address not in self.failed_at:
+                    routes[address] = old
+        for address in [a for a in self.failed_at if a not in routes]:
+            del self.failed_at[address]
         by_model: dict[str, list[Route]] = {}
         for route in routes.values():
             for name in route.entry.model_names:
@@ -91,7 +104,27 @@ class RoutingTable:
     async def run(self) -> None:
         while True:
             await self.sync_once()
+            await self.probe_failed()
             await asyncio.sleep(self.sync_interval)
+
+    async def probe_failed(self) -> None:
+        """Put failed workers back into rotation once their `/health` answers again (after the cooldown)."""
+        now = self.clock()
+        due = [a for a, t in self.failed_at.items() if now - t >= self.failure_cooldown and a in self.routes]
+        if not due:
+            return
+        alive = await asyncio.gather(*(self.healthy(a) for a in due))
+        for address, ok in zip(due, alive, strict=True):
+            if ok and self.failed_at.get(address, now + 1) <= now:  # not failed again meanwhile
+                log.info("worker %s answers again; back in rotation", address)
+                del self.failed_at[address]
+
+    async def healthy(self, address: str, timeout: float = 1.0) -> bool:
+        try:
+            resp = await self.client.get(f"{address}/health", timeout=timeout)
+        except (httpx.HTTPError, OSError):
+            return False
+        return resp.status_code == 200 and resp.json().get("status") == "ok"
 
     # -- dispatch ---------------------------------------------------------------------------------------
     def models(self) -> dict[str, WorkerEntry]:
@@ -107,12 +140,7 @@ class RoutingTable:
             if model in self.known_models:
                 raise ServiceUnavailable(f"No worker is serving '{model}' right now; try again shortly.")
             raise NotFound(f"The model '{model}' does not exist.", param="model")
-        now = self.clock()
-        usable = [
-            r
-            for r in routes
-            if r.address not in exclude and now - self.failed_at.get(r.address, -1e18) >= self.failure_cooldown
-        ]
+        usable = [r for r in routes if r.address not in exclude and r.address not in self.failed_at]
         if not usable:
             raise ServiceUnavailable(f"All workers for '{model}' are unavailable right now; try again shortly.")
         candidates = [
@@ -122,8 +150,16 @@ class RoutingTable:
         return self.routes[address]
 
     def mark_failed(self, route: Route, reason: str) -> None:
+        if route.address not in self.failed_at:
+            log.warning("worker %s failed (%s); out of rotation until it answers again", route.address, reason)
         self.failed_at[route.address] = self.clock()
-        log.warning("worker %s failed (%s); out of rotation for %.0fs", route.address, reason, self.failure_cooldown)
+
+    def usable(self) -> dict[str, int]:
+        """Workers per model that requests may be sent to now (not failed)."""
+        return {
+            name: sum(1 for r in routes if r.address not in self.failed_at)
+            for name, routes in sorted(self.by_model.items())
+        }
 
     def count_failover(self, model: str, reason: str) -> None:
         key = (model, reason)

@@ -3,7 +3,9 @@ OpenAI-shaped responses and SSE chunks."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import logging
 import struct
@@ -12,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import httpx
 
 from ..errors import LLMStackError, ServiceUnavailable, WorkerError
@@ -33,19 +36,77 @@ def _sse(obj: dict[str, Any]) -> bytes:
 _DONE = b"data: [DONE]\n\n"
 
 
+# the worker answers headers at once; only queueing and generation may take long
+_STREAM_HTTP_TIMEOUT = httpx.Timeout(connect=3.0, read=None, write=30.0, pool=30.0)
+
+
+class _Lost(Exception):
+    """The connection to the worker broke in a way the HTTP client did not type (it can leak e.g. an
+    AttributeError when a peer dies during connection setup): handled like a transport error."""
+
+
+class _Silent(_Lost):
+    """The worker sent nothing for `stream_timeout` seconds (and, before its first event, is not alive)."""
+
+
 class WorkerStream:
     """Events from one generation on some worker.  Until the first event arrives, a worker that cannot
-    be reached, is overloaded or breaks off is replaced by another one of the same model."""
+    be reached, is overloaded, breaks off or stops answering is replaced by another one of the same model.
 
-    def __init__(self, router: RoutingTable, client: httpx.AsyncClient, max_attempts: int = 3) -> None:
+    Timeouts: a worker that has started streaming must send its next event within `stream_timeout`
+    seconds, or the stream ends with an error event; before its first event it may stay silent longer
+    (the request may be queued) as long as its `/health` answers every `stream_timeout` seconds.  The whole
+    request must finish within `request_timeout` seconds."""
+
+    def __init__(
+        self,
+        router: RoutingTable,
+        client: httpx.AsyncClient,
+        max_attempts: int = 3,
+        *,
+        stream_timeout: float = 60.0,
+        request_timeout: float = 600.0,
+    ) -> None:
         self.router = router
         self.client = client
         self.max_attempts = max_attempts
+        self.stream_timeout = stream_timeout
+        self.request_timeout = request_timeout
+
+    def _headers(self) -> dict[str, str]:
+        return {REQUEST_ID_HEADER: request_id_var.get(), **self.router.headers}
+
+    async def _next_line(self, lines: AsyncIterator[str], route: Route, started: bool, deadline: float) -> str:
+        """The next line from the worker, or `_Silent` / a timeout error when it does not come in time."""
+        next_line = asyncio.ensure_future(anext(lines))
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WorkerError(
+                        f"the request took longer than the server's request timeout ({self.request_timeout:g}s)",
+                        code="timeout",
+                    )
+                done, _ = await asyncio.wait({next_line}, timeout=min(self.stream_timeout, left))
+                if done:
+                    return next_line.result()
+                if left <= self.stream_timeout:
+                    continue  # the deadline check above reports it
+                if started or not await self.router.healthy(route.address, timeout=min(self.stream_timeout, 2.0)):
+                    raise _Silent(f"no output for {self.stream_timeout:g}s")
+        finally:
+            if not next_line.done():
+                # let the read finish cancelling (httpcore then closes the connection, which tells the
+                # worker to stop) even when this task is being cancelled itself
+                next_line.cancel()
+                with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
+                    await next_line
 
     async def events(self, model: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         tried: set[str] = set()
         last_error: LLMStackError | None = None
-        headers = {REQUEST_ID_HEADER: request_id_var.get()}
+        headers = self._headers()
+        deadline = time.monotonic() + self.request_timeout
         for _ in range(self.max_attempts):
             try:
                 route = self.router.pick(model, tried)
@@ -57,8 +118,18 @@ class WorkerStream:
             route.inflight += 1
             started = False
             try:
-                request = self.client.build_request("POST", f"{route.address}/generate", json=body, headers=headers)
-                response = await self.client.send(request, stream=True)
+                request = self.client.build_request(
+                    "POST", f"{route.address}/generate", json=body, headers=headers, timeout=_STREAM_HTTP_TIMEOUT
+                )
+                try:
+                    async with asyncio.timeout(min(self.stream_timeout, max(deadline - time.monotonic(), 0.01))):
+                        response = await self.client.send(request, stream=True)
+                except TimeoutError:
+                    raise _Silent(f"no response headers within {self.stream_timeout:g}s") from None
+                except (httpx.TransportError, LLMStackError):
+                    raise
+                except Exception as exc:
+                    raise _Lost(f"{type(exc).__name__}: {exc}") from exc
                 try:
                     if response.status_code != 200:
                         error = _error_from(await response.aread(), response.status_code)
@@ -67,7 +138,16 @@ class WorkerStream:
                             last_error = error
                             continue
                         raise error
-                    async for line in response.aiter_lines():
+                    lines = response.aiter_lines()
+                    while True:
+                        try:
+                            line = await self._next_line(lines, route, started, deadline)
+                        except StopAsyncIteration:
+                            break
+                        except (httpx.TransportError, LLMStackError, _Lost):
+                            raise
+                        except Exception as exc:
+                            raise _Lost(f"{type(exc).__name__}: {exc}") from exc
                         if not line:
                             continue
                         event = json.loads(line)
@@ -77,10 +157,13 @@ class WorkerStream:
                     return
                 finally:
                     await response.aclose()
-            except (httpx.TransportError, json.JSONDecodeError) as exc:
+            except (httpx.TransportError, json.JSONDecodeError, _Lost) as exc:
                 self.router.mark_failed(route, type(exc).__name__)
                 if started:
-                    raise WorkerError(f"the worker serving '{model}' failed during generation; try again") from exc
+                    what = "stopped answering" if isinstance(exc, _Silent) else "failed"
+                    raise WorkerError(
+                        f"the worker serving '{model}' {what} during generation; try again", code="worker_failed"
+                    ) from exc
                 self.router.count_failover(model, "unreachable")
                 last_error = ServiceUnavailable(f"the worker for '{model}' could not be reached")
             finally:
@@ -90,7 +173,7 @@ class WorkerStream:
     async def post(self, model: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         tried: set[str] = set()
         last_error: LLMStackError | None = None
-        headers = {REQUEST_ID_HEADER: request_id_var.get()}
+        headers = self._headers()
         for _ in range(self.max_attempts):
             try:
                 route: Route = self.router.pick(model, tried)
@@ -102,7 +185,10 @@ class WorkerStream:
             route.inflight += 1
             try:
                 response = await self.client.post(f"{route.address}{path}", json=body, headers=headers)
-            except httpx.TransportError as exc:
+            except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:  # not retried: the work may be under way
+                self.router.mark_failed(route, type(exc).__name__)
+                raise WorkerError(f"the worker for '{model}' did not answer in time", code="timeout") from exc
+            except (httpx.TransportError, AttributeError, OSError) as exc:  # see `_Lost`
                 self.router.mark_failed(route, type(exc).__name__)
                 self.router.count_failover(model, "unreachable")
                 last_error = ServiceUnavailable(f"the worker for '{model}' could not be reached")
@@ -185,21 +271,27 @@ class Completions:
 
         for i in range(params.n):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for event in _chain(first, events):
-            if "usage" in event:
-                tracker.usage(event["usage"]["prompt_tokens"], event["usage"]["completion_tokens"])
-                if req.include_usage:
-                    yield _sse({**base, "choices": [], "usage": _usage(event["usage"])})
-            elif "error" in event:
-                tracker.failed(LLMStackError.from_body(event).status_code)
-                yield _sse(event)
-                break
-            else:
-                if event["text"]:
-                    tracker.first_token()
-                    yield chunk(event["index"], {"content": event["text"]})
-                if event.get("finish_reason"):
-                    yield chunk(event["index"], {}, event["finish_reason"])
+        source = _chain(first, events)
+        try:
+            async for event in source:
+                if "usage" in event:
+                    tracker.usage(event["usage"]["prompt_tokens"], event["usage"]["completion_tokens"])
+                    if req.include_usage:
+                        yield _sse({**base, "choices": [], "usage": _usage(event["usage"])})
+                elif "error" in event:
+                    tracker.failed(LLMStackError.from_body(event).status_code)
+                    yield _sse(event)
+                    break
+                else:
+                    if event["text"]:
+                        tracker.first_token()
+                        yield chunk(event["index"], {"content": event["text"]})
+                    if event.get("finish_reason"):
+                        yield chunk(event["index"], {}, event["finish_reason"])
+        finally:
+            # closed here, not at garbage collection: when the client leaves while a chunk is being sent,
+            # this ends the worker stream (and so the generation) at once
+            await source.aclose()
         yield _DONE
 
     # -- completions ----------------------------------------------------------------------------------------
@@ -247,37 +339,41 @@ class Completions:
         }
         usage_field = {"usage": None} if req.include_usage else {}
         totals = {"prompt_tokens": 0, "completion_tokens": 0}
-        for p_index, stream in enumerate(streams):
-            source = _chain(first, stream) if p_index == 0 else stream
-            try:
-                async for event in source:
-                    if "usage" in event:
-                        totals["prompt_tokens"] += event["usage"]["prompt_tokens"]
-                        totals["completion_tokens"] += event["usage"]["completion_tokens"]
-                        tracker.usage(event["usage"]["prompt_tokens"], event["usage"]["completion_tokens"])
-                    elif "error" in event:
-                        tracker.failed(LLMStackError.from_body(event).status_code)
-                        yield _sse(event)
-                        yield _DONE
-                        return
-                    elif event["text"] or event.get("finish_reason"):
-                        if event["text"]:
-                            tracker.first_token()
-                        choice = {
-                            "index": p_index * req.n + event["index"],
-                            "text": event["text"],
-                            "logprobs": None,
-                            "finish_reason": event.get("finish_reason"),
-                        }
-                        yield _sse({**base, "choices": [choice], **usage_field})
-            except LLMStackError as exc:
-                tracker.failed(exc.status_code)
-                yield _sse(exc.to_body(request_id_var.get()))
-                yield _DONE
-                return
-        if req.include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(totals)})
-        yield _DONE
+        sources = [_chain(first, streams[0]), *streams[1:]]
+        try:
+            for p_index, source in enumerate(sources):
+                try:
+                    async for event in source:
+                        if "usage" in event:
+                            totals["prompt_tokens"] += event["usage"]["prompt_tokens"]
+                            totals["completion_tokens"] += event["usage"]["completion_tokens"]
+                            tracker.usage(event["usage"]["prompt_tokens"], event["usage"]["completion_tokens"])
+                        elif "error" in event:
+                            tracker.failed(LLMStackError.from_body(event).status_code)
+                            yield _sse(event)
+                            yield _DONE
+                            return
+                        elif event["text"] or event.get("finish_reason"):
+                            if event["text"]:
+                                tracker.first_token()
+                            choice = {
+                                "index": p_index * req.n + event["index"],
+                                "text": event["text"],
+                                "logprobs": None,
+                                "finish_reason": event.get("finish_reason"),
+                            }
+                            yield _sse({**base, "choices": [choice], **usage_field})
+                except LLMStackError as exc:
+                    tracker.failed(exc.status_code)
+                    yield _sse(exc.to_body(request_id_var.get()))
+                    yield _DONE
+                    return
+            if req.include_usage:
+                yield _sse({**base, "choices": [], "usage": _usage(totals)})
+            yield _DONE
+        finally:  # as in chat: end every worker stream now when the client leaves early
+            for source in sources:
+                await source.aclose()
 
 
 async def _first_event(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
