@@ -240,7 +240,10 @@ def test_langchain_tutorial_check(stack: Stack) -> None:
     from langchain_core.prompts import PromptTemplate
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(streaming=True, api_key="none", base_url=stack.base_url, model=ALIAS, max_tokens=16)
+    llm = ChatOpenAI(
+        streaming=True, api_key="none", base_url=stack.base_url, model=ALIAS, max_tokens=16,
+        temperature=0, extra_body={"ignore_eos": True},  # the random test model may otherwise stop at once
+    )  # fmt: skip
     prompt = PromptTemplate.from_template("我很想去{location}旅行，我应该在哪里做什么？")
     chunks = list((prompt | llm).stream({"location": "北京"}))
     assert chunks and any(c.content for c in chunks)
