@@ -1,3 +1,4 @@
 from .cli import main
 
-main()
+if __name__ == "__main__":  # vLLM may spawn processes that import this module; they must not rerun the CLI
+    main()

