@@ -257,3 +257,9 @@ def test_worker_token_count_and_details(stack: Stack, tokenizer) -> None:
     assert details["context_length"] == 2048 and details["kind"] == "chat" and ALIAS in details["model_names"]
     count = httpx.post(f"{url}/count_tokens", json={"prompt": "北京 is big"}).json()["count"]
     assert count == len(tokenizer.encode("北京 is big"))
+
+
+def test_unicode_line_separators_survive_the_stream(client: openai.OpenAI) -> None:
+    prompt = "a\u2028b\u2029c\x85d\re"  # JSON leaves these unescaped; they must not split stream lines
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, echo=True, temperature=0)
+    assert r.choices[0].text.startswith(prompt)

@@ -138,7 +138,7 @@ class WorkerStream:
                             last_error = error
                             continue
                         raise error
-                    lines = response.aiter_lines()
+                    lines = _ndjson_lines(response)
                     while True:
                         try:
                             line = await self._next_line(lines, route, started, deadline)
@@ -203,6 +203,19 @@ class WorkerStream:
             self.router.count_failover(model, "overloaded")
             last_error = error
         raise last_error or ServiceUnavailable(f"no worker could serve '{model}'")
+
+
+async def _ndjson_lines(response: httpx.Response) -> AsyncIterator[bytes]:
+    """Lines split on b"\\n" only: httpx's aiter_lines also splits on U+2028, U+0085 and friends, which
+    JSON text carries unescaped."""
+    buffer = b""
+    async for chunk in response.aiter_bytes():
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line
+    if buffer:
+        yield buffer
 
 
 def _error_from(content: bytes, status: int) -> LLMStackError:
