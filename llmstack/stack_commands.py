@@ -326,36 +326,11 @@ def _read_token(cfg: StackConfig | None, rd: RunDir) -> str | None:
 
 
 # -- preflight ---------------------------------------------------------------------------------------------------
-def _has_command(name: str) -> bool:
-    from .cli import app
-
-    return any((c.name or (c.callback.__name__ if c.callback else "")) == name for c in app.registered_commands)
-
-
-def _worker_supports_backend() -> bool:
-    import inspect
-
-    from .cli import app
-
-    for c in app.registered_commands:
-        if (c.name or (c.callback.__name__ if c.callback else "")) == "worker" and c.callback:
-            return "backend" in inspect.signature(c.callback).parameters
-    return False
-
-
 def preflight(cfg: StackConfig, specs: list[ServiceSpec]) -> list[str]:
     """Problems that would make a service fail at once: each names the service and what to change."""
     from .service import check_port_free
 
     problems = []
-    if any(s.role == "webui" for s in specs) and not _has_command("webui"):
-        problems.append(
-            "[webui] enabled = true, but this installation has no `llmstack webui` command; "
-            "set [webui] enabled = false or install the web UI"
-        )
-    if any(m.backend == "vllm" for m in cfg.models) and any(s.role == "workers" for s in specs):
-        if not _worker_supports_backend():
-            problems.append('backend = "vllm": this installation\'s `llmstack worker` has no --backend option')
     for spec in specs:
         try:
             check_port_free(spec.host, spec.port)
