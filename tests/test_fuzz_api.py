@@ -152,11 +152,12 @@ def check(
         validate("ErrorResponse", resp.json())
         return resp.status_code
     assert resp.status_code == 200, (path, body, resp.status_code)
+    path = resp.request.url.path  # as sent: the client resolves dot segments ("/v1/models/." -> "/v1/models/")
     if resp.headers["content-type"].startswith("text/event-stream"):
         _check_sse(validate, path, resp.text)
     elif path in RESPONSE_SCHEMAS:
         validate(RESPONSE_SCHEMAS[path][0], resp.json())
-    elif path == "/v1/models":
+    elif path.rstrip("/") == "/v1/models":
         validate("ListModelsResponse", resp.json())
     else:
         validate("Model", resp.json())
