@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import InvalidRequest
 from ..wire import SamplingParams, WorkerKind
 
 
@@ -56,3 +57,26 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> EngineStats: ...
+
+
+class TemplatedEngine(Engine):
+    """Prompts through a Hugging Face tokenizer and a `templates.ChatRenderer` (None for embedding
+    models): what every engine built on transformers' tokenizers shares."""
+
+    tokenizer: Any = None
+    renderer: Any = None
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        if self.renderer is None:
+            raise InvalidRequest("this model is an embedding model; it does not chat", param="model")
+        try:
+            return self.renderer.render(messages)
+        except Exception as exc:  # template errors are the request's fault (e.g. role order)
+            raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from exc
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    @property
+    def template_stop(self) -> list[str]:
+        return self.renderer.stop if self.renderer else []

@@ -22,9 +22,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InvalidRequest
 from ..wire import SamplingParams, WorkerKind
-from .base import Chunk, Engine, EngineStats
+from .base import Chunk, EngineStats, TemplatedEngine
 from .kvbatch import BatchKV, cache_was_used, new_cache
 from .sampling import SequenceSampler, sample_rows
 from .templates import ChatRenderer
@@ -259,7 +258,7 @@ class HFEngineStats(EngineStats):
     preemptions: int = 0  # rows evicted (and later resumed) to keep within the token budget, since start
 
 
-class HFEngine(Engine):
+class HFEngine(TemplatedEngine):
     name = "transformers"
 
     def __init__(self, cfg: HFEngineConfig) -> None:
@@ -386,22 +385,6 @@ class HFEngine(Engine):
     async def close(self) -> None:
         if self._thread is not None:
             self._pending.put(None)
-
-    # -- prompts ----------------------------------------------------------------------------------------
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        if self.renderer is None:
-            raise InvalidRequest("this model is an embedding model; it does not chat", param="model")
-        try:
-            return self.renderer.render(messages)
-        except Exception as exc:  # template errors are the request's fault (e.g. role order)
-            raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from exc
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
-
-    @property
-    def template_stop(self) -> list[str]:
-        return self.renderer.stop if self.renderer else []
 
     # -- generation: request side -------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import InvalidRequest, LLMStackError, Overloaded
 from ..wire import SamplingParams, WorkerKind
-from .base import Chunk, Engine, EngineStats
+from .base import Chunk, EngineStats, TemplatedEngine
 from .templates import ChatRenderer
 
 log = logging.getLogger("llmstack.engine.vllm")
@@ -181,7 +181,7 @@ class _SchedulerSnapshot:
     kv_cache_usage: float = 0.0
 
 
-class VLLMEngine(Engine):
+class VLLMEngine(TemplatedEngine):
     name = "vllm"
 
     def __init__(self, cfg: VLLMEngineConfig) -> None:
@@ -305,22 +305,6 @@ class VLLMEngine(Engine):
         if self.llm is not None:
             await asyncio.to_thread(self.llm.shutdown)
             self.llm = None
-
-    # -- prompts ---------------------------------------------------------------------------------------------
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        if self.renderer is None:
-            raise InvalidRequest("this model is an embedding model; it does not chat", param="model")
-        try:
-            return self.renderer.render(messages)
-        except Exception as exc:  # template errors are the request's fault (e.g. role order)
-            raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from exc
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
-
-    @property
-    def template_stop(self) -> list[str]:
-        return self.renderer.stop if self.renderer else []
 
     def _prompt(self, prompt_ids: list[int]) -> Any:
         if self._token_input is not None:
