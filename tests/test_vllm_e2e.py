@@ -384,6 +384,17 @@ def test_heartbeat_carries_queue_and_speed(vstack: Stack, client: openai.OpenAI)
 
 @pytest.mark.slow
 def test_one_api_server_serves_one_model_from_both_engines(vstack: Stack, client: openai.OpenAI, tokenizer) -> None:  # noqa: ANN001
+    # earlier tests abort streams on purpose: wait until both workers are idle and routable again
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        usable = httpx.get(f"{vstack.api_url}/health", timeout=5).json()["workers"].get(SHARED, 0)
+        busy = sum(vstack.worker_health(n)["queue_length"] for n in ("worker-vllm", "worker-hf"))
+        if usable == 2 and busy == 0:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"workers not idle and routable: usable={usable} busy={busy}")
+    time.sleep(1.0)  # one heartbeat and routing sync with the idle figures
     served = {name: vstack.worker_health(name)["served"] for name in ("worker-vllm", "worker-hf")}
     prompt_len = _chat_prompt_len(tokenizer, MESSAGES)
     for _ in range(24):
