@@ -65,7 +65,7 @@ def test_controller_killed_under_load_fails_nothing(up_stack: UpStack) -> None:
 
 @pytest.mark.slow
 def test_worker_killed_under_load(up_stack: UpStack) -> None:
-    report = kill_worker_scenario(up_stack, clients=32, max_tokens=64)
+    report = kill_worker_scenario(up_stack, clients=32, max_tokens=256)  # long enough to be mid-stream
     _print("worker kill", report)
     killed = report["_killed_at"]
     before, after = report["before_kill"], report["after_kill"]
