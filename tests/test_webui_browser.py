@@ -228,7 +228,7 @@ def test_stop_button_ends_generation(page: Page, webuis, stack: Stack) -> None:
     prompt, full = _long_prompt(stack, 2000)
     _send(page, prompt)
     expect(_bot_messages(page)).to_have_count(1)
-    page.locator("#llmstack-input .stop-button").click()
+    page.locator("#llmstack-input .stop-button").dispatch_event("click")  # gradio's progress overlay may cover it
     _wait_done(page, timeout=10_000)
     # updates already on their way may still render (a busy browser lags), then the text must settle
     deadline = time.monotonic() + 15
