@@ -162,6 +162,14 @@ def worker(
     embed_in_truncate: Annotated[
         bool, typer.Option("--embed-in-truncate", help="Truncate long embedding input instead of chunking it.")
     ] = False,
+    tool_parser: Annotated[
+        str,
+        typer.Option(
+            "--tool-parser",
+            help="How tool calls are read from the model's text for tool_choice auto (hermes: <tool_call> JSON, "
+            "as Qwen 2.5/3 and Hermes models write them).",
+        ),
+    ] = "hermes",
     heartbeat_interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 3.0,
     cluster_token: ClusterToken = None,
     gptq_ckpt: Annotated[str | None, typer.Option("--gptq-ckpt", help="Not needed: see --help-quant.")] = None,
@@ -343,6 +351,10 @@ def worker(
         engine_args=extra_json,
         extra_flags=extra,
     )
+    from .toolcalls import PARSERS
+
+    if tool_parser not in PARSERS:
+        _fail(f"--tool-parser {tool_parser!r}: choose one of {', '.join(sorted(PARSERS))}")
     try:
         engine = create_engine(options)
     except EngineOptionError as exc:
@@ -361,6 +373,7 @@ def worker(
         heartbeat_interval=heartbeat_interval,
         cluster_token=cluster_token,
         embed_in_truncate=embed_in_truncate,
+        tool_parser=tool_parser,
     )
     from .engines.hf import EngineConfigError
 

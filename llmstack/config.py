@@ -129,6 +129,7 @@ class ModelSection(_Section):
     seed: int | None = None
     trust_remote_code: bool = False
     embed_in_truncate: bool = False
+    tool_parser: Literal["hermes"] = "hermes"
     heartbeat_interval: float = Field(3.0, gt=0)
     engine_args: dict[str, Any] = Field(default_factory=dict, description="extra engine arguments (vLLM)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for this worker")
@@ -182,7 +183,7 @@ class ModelSection(_Section):
             ("--conv-template", self.conv_template), ("--limit-worker-concurrency", self.limit_worker_concurrency),
             ("--max-batch-size", self.max_batch_size), ("--max-batch-tokens", self.max_batch_tokens),
             ("--max-queue", self.max_queue), ("--stream-interval", self.stream_interval), ("--seed", self.seed),
-            ("--heartbeat-interval", self.heartbeat_interval),
+            ("--heartbeat-interval", self.heartbeat_interval), ("--tool-parser", self.tool_parser),
         ):  # fmt: skip
             if value is not None:
                 a += [flag, str(value)]

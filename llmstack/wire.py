@@ -100,6 +100,16 @@ class Lookup(_Strict):
     model: str
 
 
+class Structure(BaseModel):
+    """A constraint on the output's form, enforced while decoding: any JSON object, or JSON valid
+    against a JSON schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
 class SamplingParams(BaseModel):
     """Engine-neutral sampling settings; the API server fills them from an OpenAI request."""
 
@@ -117,6 +127,22 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     n: int = 1
+    logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per generated token; None: none")
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="the same for prompt tokens (echo)")
+    logit_bias: dict[int, float] = {}
+    structure: Structure | None = None
+
+
+class ToolSpec(BaseModel):
+    """Function calling for one chat request.  `tools` are OpenAI tool definitions; `choice` is
+    none / auto / required, or `function` with `name` forced."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tools: list[dict[str, Any]] = Field(min_length=1)
+    choice: Literal["none", "auto", "required", "function"] = "auto"
+    name: str | None = None
+    parallel: bool = True
 
 
 class GenerateRequest(BaseModel):
@@ -127,6 +153,7 @@ class GenerateRequest(BaseModel):
     messages: list[dict[str, Any]] | None = None
     params: SamplingParams = SamplingParams()
     echo: bool = False
+    tools: ToolSpec | None = None
 
 
 class EmbedRequest(BaseModel):
@@ -150,12 +177,19 @@ class CountTokensRequest(BaseModel):
 
 # -- generation stream events (one JSON object per line) --------------------------------------------
 class TextEvent(TypedDict):
-    """A piece of text for choice `index`; `finish_reason` is set on the choice's last event."""
+    """A piece of text for choice `index`; `finish_reason` is set on the choice's last event.
+
+    `logprobs`: one entry per token in OpenAI's chat shape (`token`, `logprob`, `bytes`,
+    `top_logprobs`); on an echo event they are the prompt's (the first token's logprob is None).
+    `tool_calls`: OpenAI's streamed tool-call deltas (`index`, and `id`, `type`, `function.name` on a
+    call's first delta; `function.arguments` pieces)."""
 
     index: int
     text: str
     tokens: int
     finish_reason: NotRequired[str | None]
+    logprobs: NotRequired[list[dict[str, Any]]]
+    tool_calls: NotRequired[list[dict[str, Any]]]
 
 
 class UsageEvent(TypedDict):

@@ -25,6 +25,7 @@ from .engines.base import Engine
 from .errors import ContextLengthExceeded, InvalidRequest, LLMStackError, Overloaded, ServiceUnavailable
 from .metrics import MetricsMiddleware, RequestTracker, ServingMetrics, gauge_collector
 from .service import check_bearer, install_error_handlers, is_loopback
+from .toolcalls import ToolCallReader, forced_structure, reader_for
 from .wire import (
     CountTokensRequest,
     EmbedReply,
@@ -32,6 +33,7 @@ from .wire import (
     GenerateRequest,
     Heartbeat,
     SamplingParams,
+    ToolSpec,
     Unregister,
     WorkerRegistration,
     WorkerStatus,
@@ -51,6 +53,7 @@ class WorkerSettings:
     heartbeat_interval: float = 3.0
     cluster_token: str | None = None
     embed_in_truncate: bool = False
+    tool_parser: str = "hermes"  # how tool calls are read from the model's text (toolcalls.PARSERS)
     worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
@@ -124,7 +127,9 @@ class WorkerService:
     # -- prompts --------------------------------------------------------------------------------------
     def prompt_ids(self, req: GenerateRequest | CountTokensRequest) -> list[int]:
         if req.messages is not None:
-            return self.engine.encode(self.engine.render_chat(req.messages), add_special_tokens=False)
+            spec = getattr(req, "tools", None)
+            tools = spec.tools if spec is not None and spec.choice != "none" else None
+            return self.engine.encode(self.engine.render_chat(req.messages, tools), add_special_tokens=False)
         if req.prompt is not None:
             return self.engine.encode(req.prompt)
         raise InvalidRequest("either 'prompt' or 'messages' is required", param="prompt")
@@ -151,29 +156,62 @@ class WorkerService:
         return params.model_copy(update={"max_tokens": params.max_tokens or room, "stop": stop})
 
     # -- generation -------------------------------------------------------------------------------------
+    def prepare(self, req: GenerateRequest, prompt_len: int) -> SamplingParams:
+        """The request's sampling settings, checked against the context and the engine, with the
+        grammar that forces a tool call when the request asks for one."""
+        params = self.check_budget(prompt_len, req.params)
+        if req.tools is not None:
+            structure = forced_structure(req.tools)
+            if structure is not None:
+                params = params.model_copy(update={"structure": structure})
+        try:
+            self.engine.check(params)
+        except InvalidRequest as exc:
+            if req.tools is not None and req.tools.choice in ("function", "required"):
+                exc.param = "tools"
+            raise
+        return params
+
+    def readers(self, spec: ToolSpec | None, n: int) -> list[ToolCallReader | None]:
+        return [reader_for(spec, self.settings.tool_parser) if spec is not None else None for _ in range(n)]
+
     async def stream(
-        self, prompt_ids: list[int], params: SamplingParams, echo_text: str | None, tracker: RequestTracker
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        echo_text: str | None,
+        tracker: RequestTracker,
+        tools: ToolSpec | None = None,
     ) -> AsyncIterator[bytes]:
         """NDJSON events for all `n` choices, then the usage line; errors become an error line."""
         completion_tokens = 0
         self.served += 1
+        readers = self.readers(tools, params.n)
+        # echo text goes first; with prompt logprobs it waits for them (they come with the first chunk)
+        echo_waiting = set(range(params.n)) if echo_text is not None and params.prompt_logprobs is not None else set()
         try:
             async with self.admission.slot():
-                if echo_text:
+                if echo_text is not None and not echo_waiting:
                     for i in range(params.n):
                         yield _line({"index": i, "text": echo_text, "tokens": 0})
                 if params.n == 1:
                     async for chunk in self.engine.generate(prompt_ids, params):
+                        if echo_waiting:
+                            echo_waiting.clear()
+                            yield _line(_echo_event(0, echo_text or "", chunk))
                         tracker.first_token()
                         completion_tokens += chunk.tokens
                         self.generated_tokens += chunk.tokens
-                        yield _line(_event(0, chunk))
+                        yield _line(_event(0, chunk, readers[0]))
                 else:
                     async for index, chunk in self._fan_out(prompt_ids, params):
+                        if index in echo_waiting:
+                            echo_waiting.discard(index)
+                            yield _line(_echo_event(index, echo_text or "", chunk))
                         tracker.first_token()
                         completion_tokens += chunk.tokens
                         self.generated_tokens += chunk.tokens
-                        yield _line(_event(index, chunk))
+                        yield _line(_event(index, chunk, readers[index]))
             tracker.usage(len(prompt_ids), completion_tokens)
             yield _line({"usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens}})
         except LLMStackError as exc:
@@ -280,10 +318,29 @@ class WorkerService:
             log.warning("could not unregister from controller: %s", exc)
 
 
-def _event(index: int, chunk: Any) -> dict[str, Any]:
-    event: dict[str, Any] = {"index": index, "text": chunk.text, "tokens": chunk.tokens}
-    if chunk.finish_reason is not None:
-        event["finish_reason"] = chunk.finish_reason
+def _event(index: int, chunk: Any, reader: ToolCallReader | None = None) -> dict[str, Any]:
+    text, finish = chunk.text, chunk.finish_reason
+    calls: list[dict[str, Any]] = []
+    if reader is not None:
+        text, calls = reader.feed(text)
+        if finish is not None:
+            tail, more, finish = reader.finish(finish)
+            text += tail
+            calls += more
+    event: dict[str, Any] = {"index": index, "text": text, "tokens": chunk.tokens}
+    if finish is not None:
+        event["finish_reason"] = finish
+    if chunk.logprobs is not None:
+        event["logprobs"] = chunk.logprobs
+    if calls:
+        event["tool_calls"] = calls
+    return event
+
+
+def _echo_event(index: int, text: str, chunk: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {"index": index, "text": text, "tokens": 0}
+    if chunk.prompt_logprobs is not None:
+        event["logprobs"] = chunk.prompt_logprobs
     return event
 
 
@@ -377,11 +434,12 @@ def build_worker_app(settings: WorkerSettings, engine: Engine) -> FastAPI:
                 f"'{settings.model_names[0]}' is an embedding model; use /v1/embeddings", param="model"
             )
         prompt_ids = service.prompt_ids(req)
-        params = service.check_budget(len(prompt_ids), req.params)
+        params = service.prepare(req, len(prompt_ids))
         if service.admission.full:
             raise Overloaded(f"worker queue is full ({service.admission.max_queue} waiting)")
         echo = (req.prompt or "") if req.echo else None
-        return StreamingResponse(service.stream(prompt_ids, params, echo, tracker), media_type="application/x-ndjson")
+        stream = service.stream(prompt_ids, params, echo, tracker, req.tools)
+        return StreamingResponse(stream, media_type="application/x-ndjson")
 
     @app.post("/embeddings", dependencies=[Depends(require_token)])
     async def embeddings(req: EmbedRequest, request: Request) -> EmbedReply:

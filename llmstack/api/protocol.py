@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import InvalidRequest
-from ..wire import SamplingParams
+from ..wire import SamplingParams, Structure, ToolSpec
 
 # Parameters of OpenAI's API that carry no meaning for a self-hosted model; accepted, ignored.
 _HARMLESS = {
@@ -15,7 +16,6 @@ _HARMLESS = {
     "metadata",
     "service_tier",
     "user",
-    "parallel_tool_calls",
     "safety_identifier",
     "prompt_cache_key",
 }
@@ -43,13 +43,26 @@ class OtherPart(BaseModel):
     type: str
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | OtherPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
 
@@ -61,8 +74,10 @@ class ChatMessage(BaseModel):
             for part in self.content:
                 if not isinstance(part, TextPart):
                     raise ValueError(f"content part type '{part.type}' is not supported by this model; use 'text'")
-        if self.role == "tool" or self.tool_calls:
-            raise ValueError("tool messages and tool calls are not supported by this server yet")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs 'tool_call_id', the id of the call it answers")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only 'assistant' messages carry tool_calls")
         return self
 
     def text(self) -> str:
@@ -72,9 +87,58 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
-    def for_template(self) -> dict[str, Any]:
+    def for_template(self, call_names: dict[str, str]) -> dict[str, Any]:
+        """The message as chat templates read it: tool-call arguments as objects, tool results with
+        the name of the function they answer."""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text()}
+        out: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": _arguments(call.function.arguments)},
+                }
+                for call in self.tool_calls
+            ]
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+            name = self.name or call_names.get(self.tool_call_id or "")
+            if name:
+                out["name"] = name
+        return out
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -96,7 +160,7 @@ class _SamplingFields(_OpenAIRequest):
     max_tokens: int | None = Field(None, ge=1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     user: str | None = None
     # extensions (vLLM / FastChat names)
@@ -118,11 +182,12 @@ class _SamplingFields(_OpenAIRequest):
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
         if self.top_k == 0:
             raise InvalidRequest("top_k must be -1 (disabled) or at least 1", param="top_k")
-        if self.logit_bias:
-            raise InvalidRequest("logit_bias is not supported by this server yet", param="logit_bias")
+        for key in self.logit_bias or {}:
+            if not key.isdigit():
+                raise InvalidRequest(f"logit_bias keys must be token ids; got {key!r}", param="logit_bias")
         return self
 
-    def _params(self, max_tokens: int | None) -> SamplingParams:
+    def _params(self, max_tokens: int | None, **more: Any) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -137,6 +202,8 @@ class _SamplingFields(_OpenAIRequest):
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             n=self.n,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            **more,
         )
 
     @property
@@ -144,9 +211,32 @@ class _SamplingFields(_OpenAIRequest):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format type 'json_schema' needs 'json_schema'")
+        return self
+
+    def structure(self) -> Structure | None:
+        if self.type == "json_object":
+            return Structure(kind="json_object")
+        if self.type == "json_schema":
+            assert self.json_schema is not None
+            return Structure(kind="json_schema", json_schema=self.json_schema.schema_ or {"type": "object"})
+        return None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -155,8 +245,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDefinition] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
 
@@ -168,27 +259,57 @@ class ChatCompletionRequest(_SamplingFields):
                     "max_tokens and max_completion_tokens disagree; send only max_completion_tokens",
                     param="max_completion_tokens",
                 )
-        if self.logprobs or self.top_logprobs is not None:
-            raise InvalidRequest("logprobs are not supported by this server yet", param="logprobs")
-        if self.response_format is not None and self.response_format.type != "text":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs set to true", param="top_logprobs")
+        for name in ("functions", "function_call"):
+            if getattr(self, name) is not None:
+                raise InvalidRequest(
+                    f"'{name}' is deprecated and not supported; send 'tools' and 'tool_choice'", param=name
+                )
+        if self.tools:
+            names = [t.function.name for t in self.tools]
+            if len(set(names)) != len(names):
+                raise InvalidRequest("tool function names must be unique", param="tools")
+            choice = self.tool_choice
+            if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+                raise InvalidRequest(
+                    f"tool_choice names '{choice.function.name}', which is not among the tools", param="tool_choice"
+                )
+            structured = self.response_format is not None and self.response_format.type != "text"
+            if structured and choice != "none":
+                raise InvalidRequest(
+                    "response_format cannot be enforced together with tools; set tool_choice to 'none' or drop one",
+                    param="response_format",
+                )
+        elif self.tool_choice not in (None, "none"):
+            raise InvalidRequest("tool_choice is only allowed when tools are given", param="tool_choice")
+        elif self.parallel_tool_calls is not None:
             raise InvalidRequest(
-                f"response_format type '{self.response_format.type}' is not supported by this server yet",
-                param="response_format",
+                "parallel_tool_calls is only allowed when tools are given", param="parallel_tool_calls"
             )
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise InvalidRequest(f"'{name}' (function calling) is not supported by this server yet", param=name)
-        if self.tool_choice not in (None, "none"):
-            raise InvalidRequest("tool_choice needs tools, which this server does not support yet", param="tool_choice")
-        if self.function_call is not None:
-            raise InvalidRequest("function_call is not supported by this server yet", param="function_call")
         return self
 
     def to_sampling_params(self) -> SamplingParams:
-        return self._params(self.max_completion_tokens or self.max_tokens)
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        structure = self.response_format.structure() if self.response_format is not None else None
+        return self._params(self.max_completion_tokens or self.max_tokens, logprobs=logprobs, structure=structure)
+
+    def tool_spec(self) -> ToolSpec | None:
+        """Function calling as the worker takes it; None without tools."""
+        if not self.tools:
+            return None
+        choice = self.tool_choice or "auto"
+        named = isinstance(choice, NamedToolChoice)
+        return ToolSpec(
+            tools=[t.model_dump(exclude_none=True) for t in self.tools],
+            choice="function" if named else choice,  # type: ignore[arg-type]
+            name=choice.function.name if isinstance(choice, NamedToolChoice) else None,
+            parallel=self.parallel_tool_calls is not False,
+        )
 
     def template_messages(self) -> list[dict[str, Any]]:
-        return [m.for_template() for m in self.messages]
+        names = {c.id: c.function.name for m in self.messages for c in m.tool_calls or []}
+        return [m.for_template(names) for m in self.messages]
 
 
 class CompletionRequest(_SamplingFields):
@@ -213,8 +334,6 @@ class CompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _completion_combinations(self) -> CompletionRequest:
-        if self.logprobs is not None:
-            raise InvalidRequest("logprobs are not supported by this server yet", param="logprobs")
         if self.suffix:
             raise InvalidRequest("suffix (insertion) is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
@@ -226,7 +345,8 @@ class CompletionRequest(_SamplingFields):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)  # type: ignore[arg-type]
 
     def to_sampling_params(self) -> SamplingParams:
-        return self._params(self.max_tokens)
+        prompt_logprobs = self.logprobs if self.echo else None
+        return self._params(self.max_tokens, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs)
 
 
 class EmbeddingRequest(_OpenAIRequest):

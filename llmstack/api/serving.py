@@ -232,10 +232,17 @@ class Completions:
         self.workers = workers
 
     # -- chat -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _chat_body(req: ChatCompletionRequest, params: SamplingParams) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": req.model, "messages": req.template_messages(), "params": params.model_dump()}
+        tools = req.tool_spec()
+        if tools is not None:
+            body["tools"] = tools.model_dump()
+        return body
+
     async def chat(self, req: ChatCompletionRequest, tracker: RequestTracker) -> dict[str, Any]:
         params = req.to_sampling_params()
-        body = {"model": req.model, "messages": req.template_messages(), "params": params.model_dump()}
-        texts, finishes, usage = await _collect(self.workers.events(req.model, body), params.n, tracker)
+        choices, usage = await _collect(self.workers.events(req.model, self._chat_body(req, params)), params.n, tracker)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -245,19 +252,18 @@ class Completions:
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": texts[i], "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": finishes[i],
+                    "message": choice.message(),
+                    "logprobs": {"content": choice.logprobs or [], "refusal": None} if req.logprobs else None,
+                    "finish_reason": choice.finish,
                 }
-                for i in range(params.n)
+                for i, choice in enumerate(choices)
             ],
             "usage": _usage(usage),
         }
 
     async def chat_stream(self, req: ChatCompletionRequest, tracker: RequestTracker) -> AsyncIterator[bytes]:
         params = req.to_sampling_params()
-        body = {"model": req.model, "messages": req.template_messages(), "params": params.model_dump()}
-        events = self.workers.events(req.model, body)
+        events = self.workers.events(req.model, self._chat_body(req, params))
         first = await _first_event(events)  # errors before the first token become an HTTP error
         return self._chat_sse(req, params, first, events, tracker)
 
@@ -278,8 +284,9 @@ class Completions:
         }
         usage_field = {"usage": None} if req.include_usage else {}
 
-        def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
+            lp = {"content": logprobs, "refusal": None} if logprobs is not None else None
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
             return _sse({**base, "choices": [choice], **usage_field})
 
         for i in range(params.n):
@@ -296,9 +303,15 @@ class Completions:
                     yield _sse(event)
                     break
                 else:
+                    delta: dict[str, Any] = {}
                     if event["text"]:
+                        delta["content"] = event["text"]
+                    if "tool_calls" in event:
+                        delta["tool_calls"] = event["tool_calls"]
+                    logprobs = event.get("logprobs")
+                    if delta or logprobs:
                         tracker.first_token()
-                        yield chunk(event["index"], {"content": event["text"]})
+                        yield chunk(event["index"], delta, None, logprobs)
                     if event.get("finish_reason"):
                         yield chunk(event["index"], {}, event["finish_reason"])
         finally:
@@ -317,12 +330,18 @@ class Completions:
         choices: list[dict[str, Any]] = []
         prompt_tokens = completion_tokens = 0
         for p_index, body in enumerate(self._completion_bodies(req)):
-            texts, finishes, usage = await _collect(self.workers.events(req.model, body), n, tracker)
+            collected, usage = await _collect(self.workers.events(req.model, body), n, tracker)
             prompt_tokens += usage["prompt_tokens"]
             completion_tokens += usage["completion_tokens"]
-            for i in range(n):
+            for i, choice in enumerate(collected):
+                logprobs = _completion_logprobs(choice.logprobs or [], 0) if req.logprobs is not None else None
                 choices.append(
-                    {"index": p_index * n + i, "text": texts[i], "logprobs": None, "finish_reason": finishes[i]}
+                    {
+                        "index": p_index * n + i,
+                        "text": choice.text,
+                        "logprobs": logprobs,
+                        "finish_reason": choice.finish,
+                    }
                 )
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -352,6 +371,7 @@ class Completions:
         }
         usage_field = {"usage": None} if req.include_usage else {}
         totals = {"prompt_tokens": 0, "completion_tokens": 0}
+        offsets: dict[int, int] = {}  # text offset per choice, for logprobs
         sources = [_chain(first, streams[0]), *streams[1:]]
         try:
             for p_index, source in enumerate(sources):
@@ -366,13 +386,18 @@ class Completions:
                             yield _sse(event)
                             yield _DONE
                             return
-                        elif event["text"] or event.get("finish_reason"):
+                        elif event["text"] or event.get("finish_reason") or event.get("logprobs"):
                             if event["text"]:
                                 tracker.first_token()
+                            index = p_index * req.n + event["index"]
+                            logprobs = None
+                            if req.logprobs is not None:
+                                logprobs = _completion_logprobs(event.get("logprobs") or [], offsets.get(index, 0))
+                            offsets[index] = offsets.get(index, 0) + len(event["text"])
                             choice = {
-                                "index": p_index * req.n + event["index"],
+                                "index": index,
                                 "text": event["text"],
-                                "logprobs": None,
+                                "logprobs": logprobs,
                                 "finish_reason": event.get("finish_reason"),
                             }
                             yield _sse({**base, "choices": [choice], **usage_field})
@@ -413,11 +438,54 @@ async def _chain(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any
         await rest.aclose()
 
 
+class _Choice:
+    """One choice put together from its stream events."""
+
+    __slots__ = ("parts", "finish", "calls", "logprobs")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.finish = "stop"
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.logprobs: list[dict[str, Any]] | None = None
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.parts.append(event["text"])
+        if event.get("finish_reason"):
+            self.finish = event["finish_reason"]
+        if "logprobs" in event:
+            self.logprobs = (self.logprobs or []) + event["logprobs"]
+        for delta in event.get("tool_calls", ()):
+            call = self.calls.get(delta["index"])
+            if call is None:
+                self.calls[delta["index"]] = {
+                    "id": delta.get("id", ""),
+                    "type": "function",
+                    "function": {"name": delta["function"].get("name", ""), "arguments": ""},
+                }
+                call = self.calls[delta["index"]]
+            call["function"]["arguments"] += delta["function"].get("arguments", "")
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def message(self) -> dict[str, Any]:
+        text = self.text
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": text or (None if self.calls else ""),
+            "refusal": None,
+        }
+        if self.calls:
+            message["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
+        return message
+
+
 async def _collect(
     events: AsyncIterator[dict[str, Any]], n: int, tracker: RequestTracker
-) -> tuple[list[str], list[str], dict[str, int]]:
-    parts: list[list[str]] = [[] for _ in range(n)]
-    finishes = ["stop"] * n
+) -> tuple[list[_Choice], dict[str, int]]:
+    choices = [_Choice() for _ in range(n)]
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     async for event in events:
         if "usage" in event:
@@ -426,12 +494,23 @@ async def _collect(
         elif "error" in event:
             raise LLMStackError.from_body(event)
         else:
-            if event["text"]:
+            if event["text"] or "tool_calls" in event:
                 tracker.first_token()
-            parts[event["index"]].append(event["text"])
-            if event.get("finish_reason"):
-                finishes[event["index"]] = event["finish_reason"]
-    return ["".join(p) for p in parts], finishes, usage
+            choices[event["index"]].add(event)
+    return choices, usage
+
+
+def _completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """Chat-shaped logprob entries in the legacy completions shape."""
+    tokens, values, tops, offsets = [], [], [], []
+    for entry in entries:
+        tokens.append(entry["token"])
+        values.append(entry["logprob"])
+        alternatives = entry.get("top_logprobs") or []
+        tops.append({a["token"]: a["logprob"] for a in alternatives} if entry["logprob"] is not None else None)
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
 def _usage(usage: dict[str, int]) -> dict[str, int]:

@@ -13,11 +13,16 @@ from ..wire import SamplingParams, WorkerKind
 
 @dataclass(slots=True)
 class Chunk:
-    """Text produced since the previous chunk of one sequence; `finish_reason` ends the sequence."""
+    """Text produced since the previous chunk of one sequence; `finish_reason` ends the sequence.
+
+    `logprobs` has one OpenAI-shaped entry per token of the chunk when the request asked for them;
+    `prompt_logprobs` (first chunk only) the prompt's, when asked for."""
 
     text: str
     tokens: int
     finish_reason: str | None = None
+    logprobs: list[dict[str, Any]] | None = None
+    prompt_logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -41,8 +46,12 @@ class Engine(abc.ABC):
         """Release resources."""
 
     @abc.abstractmethod
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt for a chat, through the model's chat template (or a named fallback)."""
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt for a chat, through the model's chat template (or a named fallback), with the
+        tool definitions when given."""
+
+    def check(self, params: SamplingParams) -> None:  # noqa: B027 - optional hook
+        """Raise `InvalidRequest` for settings this engine cannot honour, before streaming starts."""
 
     @abc.abstractmethod
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
@@ -66,13 +75,21 @@ class TemplatedEngine(Engine):
     tokenizer: Any = None
     renderer: Any = None
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         if self.renderer is None:
             raise InvalidRequest("this model is an embedding model; it does not chat", param="model")
         try:
-            return self.renderer.render(messages)
+            return self.renderer.render(messages, tools)
         except Exception as exc:  # template errors are the request's fault (e.g. role order)
             raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from exc
+
+    def check_logit_bias(self, params: SamplingParams, vocab_size: int) -> None:
+        bad = [t for t in params.logit_bias if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequest(
+                f"logit_bias has token ids outside this model's vocabulary (0..{vocab_size - 1}): {bad[:5]}",
+                param="logit_bias",
+            )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))

@@ -24,10 +24,11 @@ from typing import Any
 
 from ..wire import SamplingParams, WorkerKind
 from .base import Chunk, EngineStats, TemplatedEngine
+from .grammar import Grammars
 from .kvbatch import BatchKV, cache_was_used, new_cache
-from .sampling import SequenceSampler, sample_rows
+from .sampling import Sampled, SequenceSampler, prompt_logprobs, sample_rows
 from .templates import ChatRenderer
-from .textstream import IncrementalDetokenizer, StopStrings
+from .textstream import IncrementalDetokenizer, StopStrings, TokenTexts
 
 log = logging.getLogger("llmstack.engine.hf")
 
@@ -220,6 +221,8 @@ class _Sequence:
         "limit",
         "pending_text",
         "pending_tokens",
+        "pending_logprobs",
+        "prompt_logprobs",
     )
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop) -> None:
@@ -236,6 +239,15 @@ class _Sequence:
         self.limit = 0
         self.pending_text = ""
         self.pending_tokens = 0
+        self.pending_logprobs: list[dict[str, Any]] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[dict[str, Any]] | None = None  # sent with the first chunk
+
+    def take_chunk(self, finish: str | None = None) -> Chunk:
+        chunk = Chunk(self.pending_text, self.pending_tokens, finish, self.pending_logprobs, self.prompt_logprobs)
+        self.pending_text, self.pending_tokens, self.prompt_logprobs = "", 0, None
+        if self.pending_logprobs is not None:
+            self.pending_logprobs = []
+        return chunk
 
     def push(self, item: Chunk | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -271,6 +283,9 @@ class HFEngine(TemplatedEngine):
         self.tokenizer: Any = None
         self.renderer: ChatRenderer | None = None
         self.eos_ids: set[int] = set()
+        self.vocab_size = 0
+        self._grammars: Grammars | None = None
+        self._token_texts: TokenTexts | None = None
         # Unbounded by itself, but only the worker's admission limit of requests can be in it.
         self._pending: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
         self._waiting: deque[_Sequence] = deque()  # engine thread only
@@ -324,6 +339,8 @@ class HFEngine(TemplatedEngine):
         if self.kind == "chat":
             self.renderer = ChatRenderer(self.tokenizer, cfg.model_path, cfg.conv_template)
             self.eos_ids = _eos_ids(model, self.tokenizer)
+            self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+            self._token_texts = TokenTexts(self.tokenizer)
             reason = self._batching_unsupported()
             self._batched = reason is None
             if reason is not None:
@@ -387,6 +404,16 @@ class HFEngine(TemplatedEngine):
             self._pending.put(None)
 
     # -- generation: request side -------------------------------------------------------------------------
+    def check(self, params: SamplingParams) -> None:
+        self.check_logit_bias(params, self.vocab_size)
+        if params.structure is not None:
+            self._grammar_compiler().compile(params.structure)  # compiled once; cached for _prepare
+
+    def _grammar_compiler(self) -> Grammars:
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+        return self._grammars
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
         seq = _Sequence(prompt_ids, params, asyncio.get_running_loop())
         self._submitted += 1
@@ -462,42 +489,57 @@ class HFEngine(TemplatedEngine):
         params = seq.params
         seq.limit = params.max_tokens or max(1, self.context_length - len(seq.prompt_ids))
         seq.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
-        seq.sampler = SequenceSampler(params, seq.prompt_ids, self.device)
+        constraint = self._grammar_compiler().constraint(params.structure) if params.structure else None
+        seq.sampler = SequenceSampler(params, seq.prompt_ids, self.device, constraint)
         seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
         seq.stops = StopStrings(params.stop)
 
-    def _accept(self, seq: _Sequence, token: int) -> bool:
+    def _accept(self, seq: _Sequence, sampled: Sampled) -> bool:
         """Record a sampled token, stream what is due; True when the sequence is finished."""
-        assert seq.detok is not None and seq.stops is not None
+        assert seq.detok is not None and seq.stops is not None and seq.sampler is not None
+        token = sampled.token
         seq.generated.append(token)
         seq.pending_tokens += 1
         finish: str | None = None
+        constraint = seq.sampler.constraint
+        grammar_done = constraint is not None and (not constraint.accept(token) or constraint.finished)
+        delta = ""
+        stop_string = False
         if token in seq.stop_ids:
             finish = "stop"
         else:
-            text, hit = seq.stops.feed(seq.detok.add(token))
+            delta = seq.detok.add(token)
+            text, stop_string = seq.stops.feed(delta)
             seq.pending_text += text
-            if hit:
+            if stop_string or grammar_done:
                 finish = "stop"
             elif len(seq.generated) >= seq.limit:
                 finish = "length"
+        if finish is not None and not stop_string:  # the sequence ended: release held-back text
+            tail, hit = seq.stops.feed(seq.detok.flush())
+            delta += tail
+            seq.pending_text += tail if hit else tail + seq.stops.flush()
+        if seq.pending_logprobs is not None:
+            assert self._token_texts is not None
+            text = "" if token in seq.stop_ids else delta
+            seq.pending_logprobs.append(self._token_texts.entry(token, sampled.logprob, sampled.top, text))
         if finish is not None:
-            if finish == "length" or token in seq.stop_ids:
-                tail, hit = seq.stops.feed(seq.detok.flush())
-                seq.pending_text += tail if hit else tail + seq.stops.flush()
-            seq.push(Chunk(seq.pending_text, seq.pending_tokens, finish))
+            seq.push(seq.take_chunk(finish))
             return True
         if seq.pending_tokens >= max(1, self.cfg.stream_interval) and seq.pending_text:
-            seq.push(Chunk(seq.pending_text, seq.pending_tokens))
-            seq.pending_text, seq.pending_tokens = "", 0
+            seq.push(seq.take_chunk())
         return False
 
-    def _prefill(self, ids: list[int]) -> tuple[Any, Any]:
-        """Run one sequence's context alone into a fresh cache; its last position's logits."""
+    def _prefill(self, ids: list[int], all_logits: bool = False) -> tuple[Any, Any]:
+        """Run one sequence's context alone into a fresh cache; its last position's logits (every
+        position's, for prompt log-probabilities, with `all_logits`)."""
         import torch
 
         cache = new_cache(self._num_layers)
         input_ids = torch.tensor([ids], device=self.device)
+        if all_logits:
+            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+            return cache, out.logits[0]
         if self._logits_to_keep:
             try:  # only the last position's logits: a long prompt x a large vocabulary is a lot of memory
                 out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -553,13 +595,13 @@ class HFEngine(TemplatedEngine):
                 self._prepare(seq)
             assert seq.sampler is not None
             try:
-                cache, logits = self._prefill(context)
+                cache, logits = self._prefill_sequence(seq, context)
             except Exception as exc:  # e.g. out of memory on one long prompt: only that request fails
                 log.exception("prefill failed")
                 seq.push(exc)
                 continue
             emitted += 1
-            if self._accept(seq, seq.sampler.sample(logits)) or seq.cancelled:
+            if self._accept(seq, sample_rows([seq.sampler], logits.unsqueeze(0))[0]) or seq.cancelled:
                 continue
             joining.append(seq)
             caches.append(cache)
@@ -573,6 +615,22 @@ class HFEngine(TemplatedEngine):
                 raise
             self._rows.extend(joining)
         return emitted
+
+    def _prefill_sequence(self, seq: _Sequence, context: list[int]) -> tuple[Any, Any]:
+        """A sequence's prefill; the first one also scores the prompt when its request asks for that."""
+        top = seq.params.prompt_logprobs
+        if top is None or seq.generated:
+            return self._prefill(context)
+        cache, logits = self._prefill(context, all_logits=True)
+        seq.prompt_logprobs = self._prompt_entries(seq.prompt_ids, logits, top)
+        return cache, logits[-1]
+
+    def _prompt_entries(self, ids: list[int], logits: Any, top: int) -> list[dict[str, Any]]:
+        assert self._token_texts is not None
+        scored = prompt_logprobs(logits, ids, top)
+        entries = [self._token_texts.entry(ids[0], None, None)]
+        entries += [self._token_texts.entry(t, lp, alts) for t, (lp, alts) in zip(ids[1:], scored, strict=True)]
+        return entries
 
     def _decode(self) -> int:
         import torch
@@ -590,8 +648,8 @@ class HFEngine(TemplatedEngine):
             use_cache=True,
         )
         kv.advance()
-        tokens = sample_rows([seq.sampler for seq in rows], out.logits[:, -1])  # type: ignore[misc]
-        keep = [i for i, (seq, token) in enumerate(zip(rows, tokens, strict=True)) if not self._accept(seq, token)]
+        sampled = sample_rows([seq.sampler for seq in rows], out.logits[:, -1])  # type: ignore[misc]
+        keep = [i for i, (seq, s) in enumerate(zip(rows, sampled, strict=True)) if not self._accept(seq, s)]
         self._keep_rows(keep)
         return len(rows)
 
@@ -634,7 +692,9 @@ class HFEngine(TemplatedEngine):
             self._prepare(seq)
             assert seq.sampler is not None
             out = self.model(input_ids=torch.tensor([seq.prompt_ids], device=self.device), use_cache=True)
-            while not self._accept(seq, seq.sampler.sample(out.logits[0, -1])) and not seq.cancelled:
+            if seq.params.prompt_logprobs is not None:
+                seq.prompt_logprobs = self._prompt_entries(seq.prompt_ids, out.logits[0], seq.params.prompt_logprobs)
+            while not self._accept(seq, sample_rows([seq.sampler], out.logits[:, -1])[0]) and not seq.cancelled:
                 token = torch.tensor([[seq.generated[-1]]], device=self.device)
                 out = self.model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
         except Exception as exc:  # surfaced to the request as a typed error

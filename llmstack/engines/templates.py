@@ -3,6 +3,7 @@ without one (selected with `--conv-template`)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,51 @@ def guess_template(model_path: str) -> str:
     return "chatml"
 
 
+# How models without a tool-aware chat template learn about tools (the Hermes / Qwen 2.5 format, which
+# the `hermes` tool parser reads back).
+TOOLS_PROMPT = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
+
+
+def tools_as_text(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Messages for a template that knows nothing of tools: the tool definitions go into the system
+    message, assistant tool calls become `<tool_call>` text and tool results `<tool_response>` user turns."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        role, content = m["role"], m.get("content") or ""
+        if role == "assistant" and m.get("tool_calls"):
+            calls = [
+                "<tool_call>\n"
+                + json.dumps(
+                    {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False
+                )
+                + "\n</tool_call>"
+                for c in m["tool_calls"]
+            ]
+            out.append({"role": "assistant", "content": "\n".join([content, *calls] if content else calls)})
+        elif role == "tool":
+            text = f"<tool_response>\n{content}\n</tool_response>"
+            if out and out[-1]["role"] == "user" and out[-1]["content"].startswith("<tool_response>"):
+                out[-1] = {"role": "user", "content": out[-1]["content"] + "\n" + text}  # parallel results: one turn
+            else:
+                out.append({"role": "user", "content": text})
+        else:
+            out.append({"role": role, "content": content})
+    if tools:
+        listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        prompt = TOOLS_PROMPT.format(tools=listing)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
 class ChatRenderer:
     """Renders messages with the chosen template through the tokenizer's Jinja sandbox."""
 
@@ -106,13 +152,21 @@ class ChatRenderer:
         else:
             self.template = get_template(guess_template(model_path))
         self.name = self.template.name if self.template else "tokenizer"
+        # a template that renders tools itself also renders tool calls and tool results its own way
+        source = own if isinstance(own, str) else json.dumps(own) if own else ""
+        self.native_tools = self.template is None and "tools" in source and "tool_calls" in source
 
     @property
     def stop(self) -> list[str]:
         return list(self.template.stop) if self.template else []
 
-    def render(self, messages: list[dict[str, Any]]) -> str:
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
         if self.template is not None:
             kwargs["chat_template"] = self.template.jinja
+        if self.native_tools:
+            if tools:
+                kwargs["tools"] = tools
+        elif tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            messages = tools_as_text(messages, tools)
         return self.tokenizer.apply_chat_template(messages, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,3 +83,68 @@ class StopStrings:
         out = self.text[self.emitted :]
         self.emitted = len(self.text)
         return out
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of byte-level BPE's byte-to-printable-character table (GPT-2, Llama 3, Qwen)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+_BYTE_DECODER = _byte_decoder()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenTexts:
+    """Text and UTF-8 bytes of single tokens, for log-probability entries (cached per token id)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def get(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            hit = (text, list(self._raw_bytes(token_id, text)))
+            if len(self._cache) < 1_000_000:
+                self._cache[token_id] = hit
+        return hit
+
+    def _raw_bytes(self, token_id: int, text: str) -> bytes:
+        """A token that is part of a character decodes to U+FFFD: take its bytes from its vocabulary entry."""
+        if "\ufffd" not in text:
+            return text.encode()
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str):
+            match = _BYTE_TOKEN.fullmatch(piece)
+            if match:
+                return bytes([int(match.group(1), 16)])
+            if piece and all(c in _BYTE_DECODER for c in piece):
+                return bytes(_BYTE_DECODER[c] for c in piece)
+        return text.encode()
+
+    def entry(
+        self, token_id: int, logprob: float | None, top: list[tuple[int, float]] | None, text: str | None = None
+    ) -> dict[str, Any]:
+        """OpenAI's chat logprob entry; `text` overrides the token's own text (the detokenizer's delta,
+        so that entries concatenate to the returned text)."""
+        own, raw = self.get(token_id)
+        alternatives = []
+        for alt, value in top or []:
+            alt_text, alt_bytes = self.get(alt)
+            alternatives.append({"token": alt_text, "logprob": value, "bytes": alt_bytes})
+        return {
+            "token": own if text is None else text,
+            "logprob": logprob,
+            "bytes": raw,
+            "top_logprobs": alternatives,
+        }

@@ -28,7 +28,7 @@ from referencing.jsonschema import DRAFT202012
 SPEC_DIR = Path(__file__).resolve().parents[1] / "data" / "openai-openapi"
 SPEC_PATH = SPEC_DIR / "openapi.yaml"
 BASE_URI = "urn:openai-openapi"
-PATCH_VERSION = "1"  # bump when _patch() changes, to invalidate the on-disk cache
+PATCH_VERSION = "2"  # bump when _patch() changes, to invalidate the on-disk cache
 
 COMPLETION = "CreateCompletionResponse"
 #: Synthetic schema: a streamed /v1/completions chunk (finish_reason null until the last chunk).
@@ -75,6 +75,10 @@ def _patch(doc: dict[str, Any]) -> dict[str, Any]:
     for name in ("CreateChatCompletionResponse", "CreateChatCompletionStreamResponse", COMPLETION):
         props = schemas[name]["properties"]
         props["system_fingerprint"] = _nullable(props["system_fingerprint"])
+    # with echo, the prompt's first token has no log-probability: null in both lists
+    logprobs = schemas[COMPLETION]["properties"]["choices"]["items"]["properties"]["logprobs"]["anyOf"][0]
+    for key in ("token_logprobs", "top_logprobs"):
+        logprobs["properties"][key]["items"] = _nullable(logprobs["properties"][key]["items"])
     stream = copy.deepcopy(schemas[COMPLETION])
     choice_props = stream["properties"]["choices"]["items"]["properties"]
     choice_props["finish_reason"] = _nullable(choice_props["finish_reason"])

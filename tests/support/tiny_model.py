@@ -23,15 +23,38 @@ IM_END = "<|im_end|>"
 PAD = "<pad>"
 SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END, PAD]
 
-# ChatML. String content or OpenAI-style content parts ([{"type": "text", "text": ...}]) both render.
+# ChatML, tool-aware the way Qwen 2.5 is: tool definitions in the system turn, assistant tool calls as
+# <tool_call> JSON, tool results as <tool_response> user turns. String content or OpenAI-style content
+# parts ([{"type": "text", "text": ...}]) both render; without tools it is plain ChatML.
 CHATML_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\\n\\n' -}}{%- endif -%}"
+    "{{- '# Tools\\n\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
+    "{%- if not (tools and loop.first and message['role'] == 'system') -%}"
     "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
     "{%- elif message['content'] is none -%}{%- set content = '' -%}"
     "{%- else -%}{%- set content = message['content'] | selectattr('type', 'equalto', 'text')"
     " | map(attribute='text') | join('') -%}"
     "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' and message['tool_calls'] -%}"
+    "{{- '<|im_start|>assistant\\n' + content -}}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' "
+    "+ (call['function']['arguments'] | tojson) + '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + content + '\\n</tool_response><|im_end|>\\n' -}}"
+    "{%- else -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>' + '\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
