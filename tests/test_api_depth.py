@@ -205,7 +205,7 @@ def test_named_tool_choice_returns_a_valid_call(depth: Target, openapi_validate)
 def test_required_tool_choice_returns_valid_calls(depth: Target, openapi_validate) -> None:
     for seed in (1, 2, 3):
         r = chat(depth.client, depth.model, tools=TOOLS, tool_choice="required", seed=seed)
-        assert r.choices[0].finish_reason == "tool_calls"
+        assert r.choices[0].finish_reason == "tool_calls", r.choices[0].message.content
         calls = r.choices[0].message.tool_calls
         assert calls
         for call in calls:

@@ -6,6 +6,7 @@ vLLM is a hard requirement here: without it these tests fail (at import), they n
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from transformers import AutoTokenizer
 
 from llmstack.engines import EngineOptionError, EngineOptions, create_engine, vllm_engine_args
 from llmstack.engines.vllm import REMOVED_ARGS, parse_extra_flags, resolve_engine_args
+from tests import test_api_depth as api_depth_tests
 from tests.support.procs import DEFAULT_ENV, REPO_ROOT
 from tests.support.stack import Stack, new_stack
 from tests.support.tiny_model import build_tiny_llama
@@ -414,3 +416,29 @@ def test_one_api_server_serves_one_model_from_both_engines(vstack: Stack, client
             if c.choices
         )
         assert isinstance(text, str)
+
+
+# -- logprobs, structured output and tools: the transformers engine's tests, against the vLLM worker ----------
+@pytest.fixture(scope="module")
+def depth(vstack: Stack, model_dir: Path):  # noqa: ANN201
+    from tests.support.api_depth import Reference
+    from tests.test_api_depth import Target
+
+    client = openai.OpenAI(base_url=vstack.base_url, api_key="none", _strict_response_validation=True, max_retries=0)
+    return Target(client, VLLM, vstack.base_url, Reference(model_dir))
+
+
+def _on_vllm(test):  # noqa: ANN001, ANN202
+    """The same test collected here (where `depth` is the vLLM worker), marked slow, the original untouched."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        return test(*args, **kwargs)
+
+    run.pytestmark = [*getattr(test, "pytestmark", []), pytest.mark.slow.mark]  # type: ignore[attr-defined]
+    return run
+
+
+for _name, _test in vars(api_depth_tests).items():
+    if _name.startswith("test_") and callable(_test):
+        globals()[_name] = _on_vllm(_test)

@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidRequest, LLMStackError, Overloaded
-from ..wire import SamplingParams, WorkerKind
+from ..wire import SamplingParams, Structure, WorkerKind
 from .base import Chunk, EngineStats, TemplatedEngine
+from .grammar import control_token_ids
+from .sampling import LOGPROB_FLOOR
 from .templates import ChatRenderer
+from .textstream import TokenTexts
 
 log = logging.getLogger("llmstack.engine.vllm")
 
@@ -191,6 +194,10 @@ class VLLMEngine(TemplatedEngine):
         self.kind: WorkerKind = "chat"
         self.context_length = 2048
         self.kwargs, self.notes = resolve_engine_args(cfg.model_path, cfg.engine_args)
+        # logprobs of the distribution a token was drawn from (after penalties, temperature, top-k/p),
+        # as the transformers engine reports them; vLLM's default is the raw model output
+        if "logprobs_mode" not in self.kwargs and "logprobs_mode" in engine_arg_names():
+            self.kwargs["logprobs_mode"] = "processed_logprobs"
         self.llm: Any = None
         self.tokenizer: Any = None
         self.renderer: ChatRenderer | None = None
@@ -204,6 +211,10 @@ class VLLMEngine(TemplatedEngine):
         self._client_error: tuple[type[BaseException], ...] = (ValueError,)
         self._overflow_error: tuple[type[BaseException], ...] = ()
         self._token_input: Any = None
+        self._structured_cls: Any = None
+        self._token_texts: TokenTexts | None = None
+        self._control_bias: dict[int, float] | None = None
+        self.vocab_size = 0
 
     # -- loading -----------------------------------------------------------------------------------------
     def check_device(self) -> None:
@@ -229,6 +240,12 @@ class VLLMEngine(TemplatedEngine):
             log.warning(note)
         self._sampling_cls = VLLMSamplingParams
         self._delta = RequestOutputKind.DELTA
+        try:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            self._structured_cls = StructuredOutputsParams
+        except ImportError:  # a vLLM without structured outputs: such requests get a 400
+            self._structured_cls = None
         self._load_error_types()
         try:
             from vllm.inputs.engine import tokens_input
@@ -236,7 +253,7 @@ class VLLMEngine(TemplatedEngine):
             self._token_input = tokens_input
         except ImportError:  # older vLLM takes a plain TokensPrompt dict
             self._token_input = None
-        args = AsyncEngineArgs(**self.kwargs)
+        args = AsyncEngineArgs(**_with_compact_json(self.kwargs))
         log.info("starting vLLM engine for %s with %s", self.cfg.model_path, _describe(self.kwargs))
         started = time.perf_counter()
         self.llm = _make_async_engine(args, self._stat_logger_factory())
@@ -246,6 +263,8 @@ class VLLMEngine(TemplatedEngine):
         if model_config is None:  # older engines only hand it out asynchronously
             model_config = await self.llm.get_model_config()
         self.context_length = int(model_config.max_model_len)
+        self.vocab_size = int(model_config.get_vocab_size())
+        self._token_texts = TokenTexts(self.tokenizer)
         runner = getattr(model_config, "runner_type", "generate")
         self.kind = "embedding" if runner == "pooling" else "chat"
         if self.kind == "chat":
@@ -312,6 +331,42 @@ class VLLMEngine(TemplatedEngine):
         return {"prompt_token_ids": prompt_ids}
 
     # -- generation ------------------------------------------------------------------------------------------
+    def check(self, params: SamplingParams) -> None:
+        self.check_logit_bias(params, self.vocab_size)
+        if params.structure is not None:
+            if self._structured_cls is None:
+                raise InvalidRequest("the installed vLLM has no structured outputs", param="response_format")
+            if params.structure.kind == "json_schema":  # a bad schema is a 400 before streaming starts
+                try:
+                    import xgrammar as xgr  # what vLLM compiles structured outputs with
+
+                    xgr.Grammar.from_json_schema(json.dumps(params.structure.json_schema or {}))
+                except ImportError:
+                    pass
+                except Exception as exc:
+                    raise InvalidRequest(
+                        f"the JSON schema cannot be used for constrained decoding: {exc}", param="response_format"
+                    ) from exc
+
+    def _structured(self, structure: Structure) -> Any:
+        schema = structure.json_schema or {}
+        if structure.kind == "json_object":
+            schema = {"type": "object", "additionalProperties": True}  # any object (vLLM's own is strict)
+        return self._structured_cls(json=schema, disable_any_whitespace=True)
+
+    def _no_control_tokens(self) -> dict[int, float]:
+        """Biases that keep raw control characters out of JSON (see `grammar.control_token_ids`)."""
+        if self._control_bias is None:
+            try:
+                import xgrammar as xgr
+
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
+                self._control_bias = {i: -100.0 for i in control_token_ids(info.decoded_vocab)}
+            except Exception as exc:  # a tokenizer xgrammar cannot read: vLLM's grammar alone
+                log.warning("cannot list control-character tokens (%s)", exc)
+                self._control_bias = {}
+        return self._control_bias
+
     def sampling_params(self, params: SamplingParams) -> Any:
         kwargs: dict[str, Any] = {
             "n": 1,  # the worker fans n out into sequences with seed + i
@@ -326,7 +381,15 @@ class VLLMEngine(TemplatedEngine):
             "stop_token_ids": list(params.stop_token_ids) or None,
             "ignore_eos": params.ignore_eos,
             "output_kind": self._delta,
+            "logprobs": params.logprobs,
+            "prompt_logprobs": params.prompt_logprobs,
         }
+        bias = dict(params.logit_bias)
+        if params.structure is not None:
+            kwargs["structured_outputs"] = self._structured(params.structure)
+            bias = {**self._no_control_tokens(), **bias}
+        if bias:
+            kwargs["logit_bias"] = bias
         if params.top_k > 0:  # "off" is -1 in older vLLM and 0 in newer: leave vLLM's own default
             kwargs["top_k"] = params.top_k
         try:
@@ -340,28 +403,67 @@ class VLLMEngine(TemplatedEngine):
         sampling = self.sampling_params(params)
         stream = self.llm.generate(self._prompt(prompt_ids), sampling, uuid.uuid4().hex)
         self._inflight += 1
+        prompt_entries = None
+        if params.prompt_logprobs is not None:
+            prompt_entries = []  # filled from the first output
         try:
             async for out in stream:
                 completion = out.outputs[0]
                 tokens = len(completion.token_ids)
                 self._generated += tokens
+                logprobs = self._entries(completion, params.logprobs) if params.logprobs is not None else None
+                if prompt_entries is not None and not prompt_entries:
+                    prompt_entries = self._prompt_entries(prompt_ids, out.prompt_logprobs, params.prompt_logprobs or 0)
+                    first_prompt = prompt_entries
+                else:
+                    first_prompt = None
                 if not out.finished:
-                    if tokens or completion.text:
-                        yield Chunk(completion.text, tokens)
+                    if tokens or completion.text or first_prompt:
+                        yield Chunk(completion.text, tokens, None, logprobs, first_prompt)
                     continue
                 reason = completion.finish_reason
                 if reason not in ("stop", "length"):
                     raise LLMStackError(f"the vLLM engine ended the generation ({reason})")
-                yield Chunk(completion.text, tokens, reason)
+                yield Chunk(completion.text, tokens, reason, logprobs, first_prompt)
                 return
         except self._overflow_error as exc:
             raise Overloaded(f"the vLLM engine's queue is full: {exc}", retry_after=1) from exc
         except self._client_error as exc:
-            raise InvalidRequest(str(exc) or type(exc).__name__, param=getattr(exc, "parameter", None)) from exc
+            param = getattr(exc, "parameter", None) or ("response_format" if params.structure is not None else None)
+            raise InvalidRequest(str(exc) or type(exc).__name__, param=param) from exc
         finally:
             self._inflight -= 1
             # closing vLLM's stream aborts the request when it is still running (client went away)
             await stream.aclose()
+
+    def _entries(self, completion: Any, top: int) -> list[dict[str, Any]]:
+        """OpenAI logprob entries for the tokens of one delta output."""
+        assert self._token_texts is not None
+        ids = list(completion.token_ids)
+        positions = completion.logprobs or []
+        texts = [None] * len(ids)
+        if len(ids) == 1:
+            texts = [completion.text]  # the delta's text is this token's: entries concatenate to the text
+        entries = []
+        for i, token in enumerate(ids):
+            at = positions[i] if i < len(positions) else {}
+            chosen = at.get(token)
+            value = max(chosen.logprob, LOGPROB_FLOOR) if chosen is not None else None
+            entries.append(self._token_texts.entry(token, value, _top(at, top), texts[i]))
+        return entries
+
+    def _prompt_entries(self, prompt_ids: list[int], scored: Any, top: int) -> list[dict[str, Any]]:
+        assert self._token_texts is not None
+        entries = []
+        for i, token in enumerate(prompt_ids):
+            at = scored[i] if scored is not None and i < len(scored) and scored[i] is not None else None
+            if at is None:
+                entries.append(self._token_texts.entry(token, None, None))
+                continue
+            chosen = at.get(token)
+            value = max(chosen.logprob, LOGPROB_FLOOR) if chosen is not None else None
+            entries.append(self._token_texts.entry(token, value, _top(at, top)))
+        return entries
 
     def stats(self) -> VLLMEngineStats:
         now, total = time.monotonic(), self._generated
@@ -429,6 +531,28 @@ class VLLMEngine(TemplatedEngine):
             result = out
         data = result.outputs.data
         return [float(x) for x in (data.tolist() if hasattr(data, "tolist") else data)]
+
+
+def _with_compact_json(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Structured outputs without free whitespace (a weak model can pad JSON with it until max_tokens), as
+    the transformers engine does; `structured_outputs_config` in the engine arguments still wins."""
+    try:
+        from vllm.config import StructuredOutputsConfig
+    except ImportError:
+        return kwargs
+    given = kwargs.get("structured_outputs_config")
+    if given is not None and not isinstance(given, dict):
+        return kwargs
+    config = dict(given or {})
+    if config.get("backend", "auto") in ("auto", "xgrammar"):  # the option exists for xgrammar and guidance
+        config = {"backend": "xgrammar", "disable_any_whitespace": True, **config}
+    return {**kwargs, "structured_outputs_config": StructuredOutputsConfig(**config)}
+
+
+def _top(at: dict[int, Any], top: int) -> list[tuple[int, float]]:
+    """The `top` most likely tokens of one position's vLLM logprobs (which also hold the sampled one)."""
+    ranked = sorted(at.items(), key=lambda item: (item[1].rank or 1 << 30, -item[1].logprob))
+    return [(token, max(lp.logprob, LOGPROB_FLOOR)) for token, lp in ranked[:top]]
 
 
 def _make_async_engine(args: Any, stat_logger: Any) -> Any:

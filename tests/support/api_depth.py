@@ -84,7 +84,10 @@ ADD = {
         "description": "Add two integers.",
         "parameters": {
             "type": "object",
-            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "properties": {
+                "a": {"type": "integer", "minimum": -1000, "maximum": 1000},
+                "b": {"type": "integer", "minimum": -1000, "maximum": 1000},
+            },
             "required": ["a", "b"],
             "additionalProperties": False,
         },
