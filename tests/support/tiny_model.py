@@ -277,3 +277,43 @@ def build_tiny_llama_no_template(dest: Path, **kwargs: object) -> Path:
     path = build_tiny_llama(dest, chat_template=None, **kwargs)  # type: ignore[arg-type]
     (path / "chat_template.jinja").unlink(missing_ok=True)
     return path
+
+
+def build_tool_caller(
+    dest: Path, conversations: list[tuple[list[dict], list[dict], str]], *, steps: int = 300, seed: int = 0
+) -> Path:
+    """A tiny Llama trained (for a few seconds) to answer each `(messages, tools, reply)` with `reply`.
+
+    Tool-call parsing needs a model that really writes `<tool_call>` blocks: a random one never does.
+    Greedy decoding of the trained model reproduces each reply (followed by the end-of-turn token) for
+    its own conversation; other prompts get whatever it makes of them.
+    """
+    dest = build_tiny_llama(dest, seed=seed)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(dest)
+    model = LlamaForCausalLM.from_pretrained(dest, dtype=torch.float32)
+    end = tokenizer.convert_tokens_to_ids(IM_END)
+    examples = []
+    for messages, tools, reply in conversations:
+        prompt = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        reply_ids = tokenizer.encode(reply, add_special_tokens=False) + [end]
+        ids = torch.tensor([prompt_ids + reply_ids])
+        labels = torch.tensor([[-100] * len(prompt_ids) + reply_ids])
+        examples.append((ids, labels))
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = [float("inf")] * len(examples)
+    for step in range(steps):
+        k = step % len(examples)
+        ids, labels = examples[k]
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses[k] = loss.item()
+        if max(losses) < 0.02:  # every reply token is by far the most likely: greedy reproduces them
+            break
+    model.eval()
+    model.save_pretrained(dest)
+    return dest
