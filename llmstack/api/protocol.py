@@ -21,6 +21,12 @@ _HARMLESS = {
 }
 
 
+class _Strict(BaseModel):
+    """A request part whose unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -32,8 +38,7 @@ class _OpenAIRequest(BaseModel):
         return self
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
@@ -43,22 +48,18 @@ class OtherPart(BaseModel):
     type: str
 
 
-class CalledFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CalledFunction(_Strict):
     name: str = Field(min_length=1)
     arguments: str
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ToolCall(_Strict):
     id: str = Field(min_length=1)
     type: Literal["function"] = "function"
     function: CalledFunction
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | OtherPart] | None = None
     name: str | None = None
@@ -116,33 +117,28 @@ def _arguments(text: str) -> Any:
         return text
 
 
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionDefinition(_Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolDefinition(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ToolDefinition(_Strict):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NamedFunction(_Strict):
     name: str
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NamedToolChoice(_Strict):
     type: Literal["function"]
     function: NamedFunction
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
@@ -219,8 +215,7 @@ class JSONSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
