@@ -348,8 +348,16 @@ def test_context_overflow_is_400(client: openai.OpenAI) -> None:
 @pytest.mark.slow
 def test_client_disconnect_aborts_generation(vstack: Stack) -> None:
     before = vstack.worker_health("worker-vllm")["generated_tokens"]
-    limit = CONTEXT - 100
-    body = {"model": VLLM, "messages": MESSAGES, "max_tokens": limit, "ignore_eos": True, "stream": True}
+    # four long sequences: even on a busy machine the abort lands long before vLLM could finish them all
+    limit = 4 * (CONTEXT - 100)
+    body = {
+        "model": VLLM,
+        "messages": MESSAGES,
+        "max_tokens": CONTEXT - 100,
+        "n": 4,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.stream("POST", f"{vstack.base_url}/chat/completions", json=body, timeout=30) as resp:
         seen = 0
         for line in resp.iter_lines():
