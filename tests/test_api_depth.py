@@ -1,11 +1,10 @@
 """Logprobs, structured output (JSON mode, JSON schema) and tool calls, end to end through the `openai`
-client against the transformers engine.  `tests/test_api_depth_vllm.py` runs the same tests against a
-vLLM worker by overriding the `depth` fixture."""
+client against the transformers engine.  `tests/test_vllm_e2e.py` runs the same tests against a vLLM
+worker (its own `target` fixture)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -19,53 +18,45 @@ from tests.support.api_depth import (
     SCHEMAS,
     TOOLS,
     WEATHER,
-    Reference,
+    Target,
     chat,
     check_against_reference,
     check_call,
     check_top_logprobs,
     json_schema_format,
+    new_target,
     streamed_tool_calls,
 )
 from tests.support.stack import Stack
 
 
-@dataclass
-class Target:
-    client: openai.OpenAI
-    model: str
-    base_url: str
-    ref: Reference
-
-
 @pytest.fixture(scope="module")
-def depth(stack: Stack, tiny_model_dir: Path) -> Target:
-    client = openai.OpenAI(base_url=stack.base_url, api_key="none", _strict_response_validation=True, max_retries=0)
-    return Target(client, "tiny", stack.base_url, Reference(tiny_model_dir))
+def target(stack: Stack, tiny_model_dir: Path) -> Target:
+    return new_target(stack.base_url, "tiny", tiny_model_dir, 2048)
 
 
 # -- logprobs ---------------------------------------------------------------------------------------------
-def test_chat_logprobs_match_a_reference_forward_pass(depth: Target, openapi_validate) -> None:
-    r = chat(depth.client, depth.model, logprobs=True, top_logprobs=5, temperature=1.0, max_tokens=12)
+def test_chat_logprobs_match_a_reference_forward_pass(target: Target, openapi_validate) -> None:
+    r = chat(target.client, target.model, logprobs=True, top_logprobs=5, temperature=1.0, max_tokens=12)
     entries = [e.model_dump() for e in r.choices[0].logprobs.content]
     assert len(entries) == r.usage.completion_tokens
     check_top_logprobs(entries, 5)
-    check_against_reference(depth.ref, MESSAGES, entries)
+    check_against_reference(target.ref, MESSAGES, entries)
     if r.choices[0].finish_reason == "length":  # no stop token: the tokens spell the text exactly
         assert "".join(e["token"] for e in entries) == r.choices[0].message.content
     raw = httpx.post(
-        f"{depth.base_url}/chat/completions",
-        json={"model": depth.model, "messages": MESSAGES, "max_tokens": 3, "logprobs": True, "top_logprobs": 2},
+        f"{target.base_url}/chat/completions",
+        json={"model": target.model, "messages": MESSAGES, "max_tokens": 3, "logprobs": True, "top_logprobs": 2},
     ).json()
     openapi_validate("CreateChatCompletionResponse", raw)
 
 
-def test_chat_logprobs_streamed_equal_non_streamed(depth: Target, openapi_validate) -> None:
+def test_chat_logprobs_streamed_equal_non_streamed(target: Target, openapi_validate) -> None:
     kwargs = {"logprobs": True, "top_logprobs": 3, "temperature": 0.8, "max_tokens": 10, "seed": 11}
-    whole = chat(depth.client, depth.model, **kwargs)
+    whole = chat(target.client, target.model, **kwargs)
     streamed = []
     text = ""
-    for chunk in chat(depth.client, depth.model, stream=True, **kwargs):
+    for chunk in chat(target.client, target.model, stream=True, **kwargs):
         for choice in chunk.choices:
             text += choice.delta.content or ""
             if choice.logprobs is not None:
@@ -76,32 +67,30 @@ def test_chat_logprobs_streamed_equal_non_streamed(depth: Target, openapi_valida
         assert a["logprob"] == pytest.approx(b.logprob, abs=1e-4)
     with httpx.stream(
         "POST",
-        f"{depth.base_url}/chat/completions",
-        json={"model": depth.model, "messages": MESSAGES, "stream": True, **kwargs},
+        f"{target.base_url}/chat/completions",
+        json={"model": target.model, "messages": MESSAGES, "stream": True, **kwargs},
     ) as resp:
         for line in resp.iter_lines():
             if line.startswith("data: {"):
                 openapi_validate("CreateChatCompletionStreamResponse", json.loads(line[6:]))
 
 
-def test_greedy_logprobs_are_the_unscaled_distribution(depth: Target) -> None:
-    r = chat(depth.client, depth.model, logprobs=True, top_logprobs=1, temperature=0, max_tokens=6)
+def test_greedy_logprobs_are_the_unscaled_distribution(target: Target) -> None:
+    r = chat(target.client, target.model, logprobs=True, top_logprobs=1, temperature=0, max_tokens=6)
     entries = [e.model_dump() for e in r.choices[0].logprobs.content]
     for e in entries:  # greedy picks the most likely token
         assert e["top_logprobs"][0]["logprob"] == pytest.approx(e["logprob"], abs=1e-5)
-    check_against_reference(depth.ref, MESSAGES, entries)
+    check_against_reference(target.ref, MESSAGES, entries)
 
 
-def test_completion_logprobs_with_echo(depth: Target, openapi_validate) -> None:
+def test_completion_logprobs_with_echo(target: Target, openapi_validate) -> None:
     prompt = "The model answers the request"
     # the client's strict mode, like OpenAI's schema, has no null for the first echoed token (the API sends one)
-    lenient = depth.client.with_options()
-    lenient._strict_response_validation = False
-    r = lenient.completions.create(
-        model=depth.model, prompt=prompt, max_tokens=5, logprobs=3, echo=True, temperature=1.0, seed=3
+    r = target.lenient.completions.create(
+        model=target.model, prompt=prompt, max_tokens=5, logprobs=3, echo=True, temperature=1.0, seed=3
     )
     lp = r.choices[0].logprobs
-    prompt_ids = depth.ref.tokenizer.encode(prompt)
+    prompt_ids = target.ref.tokenizer.encode(prompt)
     n_prompt = len(prompt_ids)
     assert len(lp.tokens) == n_prompt + r.usage.completion_tokens
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
@@ -109,57 +98,57 @@ def test_completion_logprobs_with_echo(depth: Target, openapi_validate) -> None:
     assert all(1 <= len(t) <= 3 for t in lp.top_logprobs[1:])
     assert lp.text_offset == sorted(lp.text_offset)
     # the prompt's own scores are the reference model's
-    expected = depth.ref.logprobs(prompt_ids[:1], prompt_ids[1:])
+    expected = target.ref.logprobs(prompt_ids[:1], prompt_ids[1:])
     assert lp.token_logprobs[1:n_prompt] == pytest.approx(expected, abs=2e-3)
     assert r.choices[0].text.startswith(prompt)
     for echo in (False, True):
         raw = httpx.post(
-            f"{depth.base_url}/completions",
-            json={"model": depth.model, "prompt": prompt, "max_tokens": 2, "logprobs": 2, "echo": echo},
+            f"{target.base_url}/completions",
+            json={"model": target.model, "prompt": prompt, "max_tokens": 2, "logprobs": 2, "echo": echo},
         ).json()
         openapi_validate("CreateCompletionResponse", raw)
         assert len(raw["choices"][0]["logprobs"]["tokens"]) == raw["usage"]["completion_tokens"] + echo * n_prompt
 
 
-def test_logit_bias_forces_and_forbids_tokens(depth: Target) -> None:
-    target = depth.ref.tokenizer.encode(" model", add_special_tokens=False)[0]
-    forced = chat(depth.client, depth.model, temperature=0, max_tokens=4, logit_bias={str(target): 100})
-    assert forced.choices[0].message.content == depth.ref.tokenizer.decode([target] * 4)
-    plain = chat(depth.client, depth.model, temperature=0, max_tokens=1, logprobs=True)
-    first = depth.ref.token_id(plain.choices[0].logprobs.content[0].model_dump())
-    banned = chat(depth.client, depth.model, temperature=0, max_tokens=1, logprobs=True, logit_bias={str(first): -100})
-    assert depth.ref.token_id(banned.choices[0].logprobs.content[0].model_dump()) != first
+def test_logit_bias_forces_and_forbids_tokens(target: Target) -> None:
+    token = target.ref.tokenizer.encode(" model", add_special_tokens=False)[0]
+    forced = chat(target.client, target.model, temperature=0, max_tokens=4, logit_bias={str(token): 100})
+    assert forced.choices[0].message.content == target.ref.tokenizer.decode([token] * 4)
+    plain = chat(target.client, target.model, temperature=0, max_tokens=1, logprobs=True)
+    first = target.ref.token_id(plain.choices[0].logprobs.content[0].model_dump())
+    banned = chat(target.client, target.model, temperature=0, max_tokens=1, logprobs=True, logit_bias={str(first): -100})
+    assert target.ref.token_id(banned.choices[0].logprobs.content[0].model_dump()) != first
     with pytest.raises(openai.BadRequestError) as err:
-        chat(depth.client, depth.model, max_tokens=1, logit_bias={"99999999": 5})
+        chat(target.client, target.model, max_tokens=1, logit_bias={"99999999": 5})
     assert err.value.body["param"] == "logit_bias"
 
 
-def test_seed_reproduces_on_this_engine(depth: Target) -> None:
-    runs = [chat(depth.client, depth.model, temperature=1.2, max_tokens=16, seed=123) for _ in range(2)]
+def test_seed_reproduces_on_this_engine(target: Target) -> None:
+    runs = [chat(target.client, target.model, temperature=1.2, max_tokens=16, seed=123) for _ in range(2)]
     assert runs[0].choices[0].message.content == runs[1].choices[0].message.content
 
 
 # -- structured output ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
-def test_json_schema_output_validates(depth: Target, name: str) -> None:
-    r = chat(depth.client, depth.model, response_format=json_schema_format(name), temperature=1.0, max_tokens=400)
+def test_json_schema_output_validates(target: Target, name: str) -> None:
+    r = chat(target.client, target.model, response_format=json_schema_format(name), temperature=1.0, max_tokens=400)
     assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
     jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMAS[name])
 
 
 @pytest.mark.parametrize("name", ["person", "list"])
-def test_json_schema_streamed(depth: Target, name: str) -> None:
+def test_json_schema_streamed(target: Target, name: str) -> None:
     text = "".join(
         c.choices[0].delta.content or ""
-        for c in chat(depth.client, depth.model, response_format=json_schema_format(name), max_tokens=400, stream=True)
+        for c in chat(target.client, target.model, response_format=json_schema_format(name), max_tokens=400, stream=True)
         if c.choices
     )
     jsonschema.validate(json.loads(text), SCHEMAS[name])
 
 
-def test_json_object_mode_gives_an_object(depth: Target) -> None:
+def test_json_object_mode_gives_an_object(target: Target) -> None:
     # a random model writes endless keys in free-form JSON; whenever it does end, the grammar made it an object
-    r = chat(depth.client, depth.model, response_format={"type": "json_object"}, seed=1, n=8, max_tokens=400)
+    r = chat(target.client, target.model, response_format={"type": "json_object"}, seed=1, n=8, max_tokens=400)
     ended = [c.message.content for c in r.choices if c.finish_reason == "stop"]
     assert ended, [c.message.content[:80] for c in r.choices]
     for text in ended:
@@ -168,62 +157,62 @@ def test_json_object_mode_gives_an_object(depth: Target) -> None:
         assert c.message.content.startswith("{")
 
 
-def test_structured_output_with_n_and_greedy_tail(depth: Target) -> None:
-    r = chat(depth.client, depth.model, response_format=json_schema_format("mood"), n=3, max_tokens=200)
+def test_structured_output_with_n_and_greedy_tail(target: Target) -> None:
+    r = chat(target.client, target.model, response_format=json_schema_format("mood"), n=3, max_tokens=200)
     for choice in r.choices:
         jsonschema.validate(json.loads(choice.message.content), SCHEMAS["mood"])
 
 
-def test_invalid_schema_is_a_400(depth: Target) -> None:
+def test_invalid_schema_is_a_400(target: Target) -> None:
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}
     with pytest.raises(openai.BadRequestError) as err:
-        chat(depth.client, depth.model, response_format=bad, max_tokens=5)
+        chat(target.client, target.model, response_format=bad, max_tokens=5)
     assert err.value.body["param"] == "response_format"
 
 
 # -- tools -----------------------------------------------------------------------------------------------------
-def test_named_tool_choice_returns_a_valid_call(depth: Target, openapi_validate) -> None:
+def test_named_tool_choice_returns_a_valid_call(target: Target, openapi_validate) -> None:
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    r = chat(depth.client, depth.model, tools=TOOLS, tool_choice=choice)
+    r = chat(target.client, target.model, tools=TOOLS, tool_choice=choice)
     assert r.choices[0].finish_reason == "tool_calls"
     calls = r.choices[0].message.tool_calls
     assert len(calls) == 1 and calls[0].function.name == "get_weather" and calls[0].id.startswith("call_")
     check_call("get_weather", calls[0].function.arguments)
     raw = httpx.post(
-        f"{depth.base_url}/chat/completions",
-        json={"model": depth.model, "messages": MESSAGES, "tools": TOOLS, "tool_choice": choice, "max_tokens": 256},
+        f"{target.base_url}/chat/completions",
+        json={"model": target.model, "messages": MESSAGES, "tools": TOOLS, "tool_choice": choice, "max_tokens": 256},
     ).json()
     openapi_validate("CreateChatCompletionResponse", raw)
     streamed, finish = streamed_tool_calls(
-        chat(depth.client, depth.model, tools=TOOLS, tool_choice=choice, stream=True)
+        chat(target.client, target.model, tools=TOOLS, tool_choice=choice, stream=True)
     )
     assert finish == "tool_calls" and list(streamed) == [0]
     assert streamed[0]["name"] == "get_weather" and streamed[0]["id"].startswith("call_")
     check_call("get_weather", streamed[0]["arguments"])
 
 
-def test_required_tool_choice_returns_valid_calls(depth: Target, openapi_validate) -> None:
+def test_required_tool_choice_returns_valid_calls(target: Target, openapi_validate) -> None:
     for seed in (1, 2, 3):
-        r = chat(depth.client, depth.model, tools=TOOLS, tool_choice="required", seed=seed)
+        r = chat(target.client, target.model, tools=TOOLS, tool_choice="required", seed=seed)
         assert r.choices[0].finish_reason == "tool_calls", r.choices[0].message.content
         calls = r.choices[0].message.tool_calls
         assert calls
         for call in calls:
             check_call(call.function.name, call.function.arguments)
         assert len({c.id for c in calls}) == len(calls)
-    one = chat(depth.client, depth.model, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, seed=5)
+    one = chat(target.client, target.model, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, seed=5)
     assert len(one.choices[0].message.tool_calls) == 1
     streamed, finish = streamed_tool_calls(
-        chat(depth.client, depth.model, tools=TOOLS, tool_choice="required", stream=True, seed=4)
+        chat(target.client, target.model, tools=TOOLS, tool_choice="required", stream=True, seed=4)
     )
     assert finish == "tool_calls" and streamed
     for call in streamed.values():
         check_call(call["name"], call["arguments"])
     with httpx.stream(
         "POST",
-        f"{depth.base_url}/chat/completions",
+        f"{target.base_url}/chat/completions",
         json={
-            "model": depth.model,
+            "model": target.model,
             "messages": MESSAGES,
             "tools": TOOLS,
             "tool_choice": "required",
@@ -236,8 +225,8 @@ def test_required_tool_choice_returns_valid_calls(depth: Target, openapi_validat
                 openapi_validate("CreateChatCompletionStreamResponse", json.loads(line[6:]))
 
 
-def test_two_turn_tool_conversation(depth: Target) -> None:
-    first = chat(depth.client, depth.model, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
+def test_two_turn_tool_conversation(target: Target) -> None:
+    first = chat(target.client, target.model, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
     call = first.choices[0].message.tool_calls[0]
     args = check_call(call.function.name, call.function.arguments)
     messages = [
@@ -245,7 +234,7 @@ def test_two_turn_tool_conversation(depth: Target) -> None:
         first.choices[0].message.model_dump(exclude_none=True),
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, **args})},
     ]
-    second = chat(depth.client, depth.model, messages=messages, tools=[WEATHER], max_tokens=8)
+    second = chat(target.client, target.model, messages=messages, tools=[WEATHER], max_tokens=8)
     assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
     # the model saw the call and its result through its own chat template
     template_messages = [
@@ -259,21 +248,21 @@ def test_two_turn_tool_conversation(depth: Target) -> None:
         },
         {"role": "tool", "tool_call_id": call.id, "name": "get_weather", "content": messages[-1]["content"]},
     ]
-    expected = depth.ref.chat_ids(template_messages, tools=[WEATHER])
+    expected = target.ref.chat_ids(template_messages, tools=[WEATHER])
     assert second.usage.prompt_tokens == len(expected)
-    assert "<tool_response>" in depth.ref.tokenizer.decode(expected)
+    assert "<tool_response>" in target.ref.tokenizer.decode(expected)
 
 
-def test_auto_tool_choice_renders_tools(depth: Target) -> None:
-    r = chat(depth.client, depth.model, tools=TOOLS, max_tokens=8, temperature=0)
-    assert r.usage.prompt_tokens == len(depth.ref.chat_ids(MESSAGES, tools=TOOLS))
+def test_auto_tool_choice_renders_tools(target: Target) -> None:
+    r = chat(target.client, target.model, tools=TOOLS, max_tokens=8, temperature=0)
+    assert r.usage.prompt_tokens == len(target.ref.chat_ids(MESSAGES, tools=TOOLS))
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    none = chat(depth.client, depth.model, tools=TOOLS, tool_choice="none", max_tokens=4)
-    assert none.usage.prompt_tokens == len(depth.ref.chat_ids(MESSAGES))
+    none = chat(target.client, target.model, tools=TOOLS, tool_choice="none", max_tokens=4)
+    assert none.usage.prompt_tokens == len(target.ref.chat_ids(MESSAGES))
     assert none.choices[0].message.tool_calls is None
 
 
-def test_unsupported_combinations_name_the_parameter(depth: Target) -> None:
+def test_unsupported_combinations_name_the_parameter(target: Target) -> None:
     cases = [
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"tool_choice": "required"}, "tool_choice"),
@@ -285,15 +274,15 @@ def test_unsupported_combinations_name_the_parameter(depth: Target) -> None:
     ]
     for extra, param in cases:
         resp = httpx.post(
-            f"{depth.base_url}/chat/completions",
-            json={"model": depth.model, "messages": MESSAGES, "max_tokens": 2, **extra},
+            f"{target.base_url}/chat/completions",
+            json={"model": target.model, "messages": MESSAGES, "max_tokens": 2, **extra},
         )
         assert resp.status_code == 400, (extra, resp.text)
         assert resp.json()["error"]["param"] == param, (extra, resp.text)
 
 
 # -- LangChain ----------------------------------------------------------------------------------------------------
-def test_langchain_bind_tools_and_structured_output(depth: Target) -> None:
+def test_langchain_bind_tools_and_structured_output(target: Target) -> None:
     from typing import Literal
 
     from langchain_core.tools import tool
@@ -309,7 +298,7 @@ def test_langchain_bind_tools_and_structured_output(depth: Target) -> None:
         """Current weather for a city."""
         return f"21 {unit} in {city}"
 
-    llm = ChatOpenAI(model=depth.model, base_url=depth.base_url, api_key="none", max_tokens=256, seed=7)
+    llm = ChatOpenAI(model=target.model, base_url=target.base_url, api_key="none", max_tokens=256, seed=7)
     msg = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Beijing?")
     assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_weather"
     assert set(msg.tool_calls[0]["args"]) == {"city", "unit"}

@@ -16,6 +16,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import ALIAS
+from tests.support.api_depth import Target, new_target
 from tests.support.stack import Stack
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about Beijing."}]
@@ -39,29 +40,31 @@ def test_models_lists_every_name_and_alias(stack: Stack, client: openai.OpenAI, 
     assert client.models.retrieve(ALIAS).id == ALIAS
 
 
-def test_chat_usage_is_exact(stack: Stack, client: openai.OpenAI, tokenizer, openapi_validate) -> None:
-    r = client.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
+# -- engine-neutral: `tests/test_vllm_e2e.py` runs these against a vLLM worker (its own `target`) ----------
+@pytest.fixture(scope="module")
+def target(stack: Stack, tiny_model_dir: Path) -> Target:
+    return new_target(stack.base_url, "tiny", tiny_model_dir, 2048)
+
+
+def test_chat_usage_is_exact(target: Target, openapi_validate) -> None:  # noqa: ANN001
+    r = target.client.chat.completions.create(
+        model=target.model, messages=MESSAGES, max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
     )
-    prompt_ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
-    if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
-        prompt_ids = prompt_ids["input_ids"]
-    assert r.usage.prompt_tokens == len(prompt_ids)
-    assert r.usage.completion_tokens == 7
-    assert r.usage.total_tokens == len(prompt_ids) + 7
-    assert r.choices[0].finish_reason == "length"
-    assert r.choices[0].message.role == "assistant"
+    prompt_len = len(target.ref.chat_ids(MESSAGES))
+    assert r.usage.prompt_tokens == prompt_len
+    assert r.usage.completion_tokens == 7 and r.usage.total_tokens == prompt_len + 7
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.role == "assistant"
     raw = httpx.post(
-        f"{stack.base_url}/chat/completions", json={"model": "tiny", "messages": MESSAGES, "max_tokens": 3}
+        f"{target.base_url}/chat/completions", json={"model": target.model, "messages": MESSAGES, "max_tokens": 3}
     ).json()
     openapi_validate("CreateChatCompletionResponse", raw)
 
 
-def test_stream_joined_equals_non_stream(stack: Stack, client: openai.OpenAI, openapi_validate) -> None:
-    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=40, temperature=0, seed=7)
-    whole = client.chat.completions.create(**kwargs)
+def test_stream_joined_equals_non_stream(target: Target, openapi_validate) -> None:  # noqa: ANN001
+    kwargs = dict(model=target.model, messages=MESSAGES, max_tokens=40, temperature=0, seed=7)
+    whole = target.client.chat.completions.create(**kwargs)
     pieces, usage, finish = [], None, None
-    for chunk in client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+    for chunk in target.client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
         if chunk.usage:
             usage = chunk.usage
         for choice in chunk.choices:
@@ -74,7 +77,7 @@ def test_stream_joined_equals_non_stream(stack: Stack, client: openai.OpenAI, op
     # every raw SSE chunk is valid against OpenAI's schema
     with httpx.stream(
         "POST",
-        f"{stack.base_url}/chat/completions",
+        f"{target.base_url}/chat/completions",
         json={**kwargs, "stream": True, "stream_options": {"include_usage": True}},
     ) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
@@ -84,68 +87,83 @@ def test_stream_joined_equals_non_stream(stack: Stack, client: openai.OpenAI, op
         openapi_validate("CreateChatCompletionStreamResponse", json.loads(line[6:]))
 
 
-def test_seed_reproducible_and_n_choices_differ(client: openai.OpenAI) -> None:
+def test_seed_reproducible_and_n_choices_differ(target: Target) -> None:
     kwargs = dict(
-        model="tiny", messages=MESSAGES, max_tokens=24, temperature=1.0, seed=1234, extra_body={"ignore_eos": True}
+        model=target.model,
+        messages=MESSAGES,
+        max_tokens=24,
+        temperature=1.0,
+        seed=1234,
+        extra_body={"ignore_eos": True},
     )
-    a = client.chat.completions.create(**kwargs)
-    b = client.chat.completions.create(**kwargs)
+    a = target.client.chat.completions.create(**kwargs)
+    b = target.client.chat.completions.create(**kwargs)
     assert a.choices[0].message.content == b.choices[0].message.content
-    many = client.chat.completions.create(**{**kwargs, "n": 3})
+    many = target.client.chat.completions.create(**{**kwargs, "n": 3})
     assert [c.index for c in many.choices] == [0, 1, 2]
     assert many.choices[0].message.content == a.choices[0].message.content  # choice i uses seed + i
     assert len({c.message.content for c in many.choices}) == 3
     assert many.usage.completion_tokens == 3 * 24
+    streamed = ["", "", ""]
+    for chunk in target.client.chat.completions.create(**{**kwargs, "n": 3}, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == [c.message.content for c in many.choices]
 
 
-def test_stop_string_truncates_stream_and_non_stream(client: openai.OpenAI) -> None:
-    base = dict(model="tiny", messages=MESSAGES, max_tokens=60, temperature=0, extra_body={"ignore_eos": True})
-    text = client.chat.completions.create(**base).choices[0].message.content
+def test_stop_string_truncates_stream_and_non_stream(target: Target) -> None:
+    base = dict(model=target.model, messages=MESSAGES, max_tokens=60, temperature=0, extra_body={"ignore_eos": True})
+    text = target.client.chat.completions.create(**base).choices[0].message.content
     assert len(text) > 12
     stop = text[8:11]
     expected = text[: text.index(stop)]
-    r = client.chat.completions.create(**base, stop=[stop, "never-appears"])
+    r = target.client.chat.completions.create(**base, stop=[stop, "never-appears"])
     assert r.choices[0].message.content == expected
     assert r.choices[0].finish_reason == "stop"
     streamed = "".join(
         c.choices[0].delta.content or ""
-        for c in client.chat.completions.create(**base, stop=stop, stream=True)
+        for c in target.client.chat.completions.create(**base, stop=stop, stream=True)
         if c.choices
     )
     assert streamed == expected
 
 
-def test_stop_token_ids_and_max_completion_tokens(client: openai.OpenAI, tokenizer) -> None:
-    base = dict(model="tiny", messages=MESSAGES, temperature=0, extra_body={"ignore_eos": True})
-    r = client.chat.completions.create(**base, max_completion_tokens=5)
+def test_stop_token_ids_penalties_and_max_completion_tokens(target: Target) -> None:
+    base = dict(model=target.model, messages=MESSAGES, temperature=0, extra_body={"ignore_eos": True})
+    r = target.client.chat.completions.create(**base, max_completion_tokens=5)
     assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
     # stop at the first generated token's id: nothing is returned and the reason is "stop"
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tokenizer.name_or_path)
-    with torch.no_grad():  # the greedy first token, from a reference forward pass
-        first_id = int(model(torch.tensor([tokenizer.encode("The cat")])).logits[0, -1].argmax())
-    r2 = client.completions.create(
-        model="tiny", prompt="The cat", max_tokens=5, temperature=0, extra_body={"stop_token_ids": [first_id]}
+    first_id = target.ref.greedy_next(target.ref.tokenizer.encode("The cat"))
+    r2 = target.client.completions.create(
+        model=target.model, prompt="The cat", max_tokens=5, temperature=0, extra_body={"stop_token_ids": [first_id]}
     )
     assert r2.choices[0].finish_reason == "stop" and r2.usage.completion_tokens == 1
+    # penalties reach the engine: greedy output that repeats itself changes under a strong penalty
+    plain = target.client.chat.completions.create(**base, max_tokens=40).choices[0].message.content
+    penalised = target.client.chat.completions.create(
+        **base, max_tokens=40, frequency_penalty=2.0, presence_penalty=1.0
+    )
+    assert penalised.choices[0].message.content != plain
+    repeated = target.client.chat.completions.create(
+        **{**base, "extra_body": {"ignore_eos": True, "repetition_penalty": 3.0}}, max_tokens=40
+    )
+    assert repeated.choices[0].message.content != plain
 
 
-def test_completions_batch_echo_and_stream(stack: Stack, client: openai.OpenAI, openapi_validate) -> None:
-    r = client.completions.create(model="tiny", prompt=["The cat", "北京"], max_tokens=6, n=2, seed=3, temperature=0.8)
+def test_completions_batch_echo_and_stream(target: Target, openapi_validate) -> None:  # noqa: ANN001
+    client, model = target.client, target.model
+    r = client.completions.create(model=model, prompt=["The cat", "北京"], max_tokens=6, n=2, seed=3, temperature=0.8)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
-    echo = client.completions.create(model="tiny", prompt="The cat", max_tokens=4, echo=True, temperature=0)
+    echo = client.completions.create(model=model, prompt="The cat", max_tokens=4, echo=True, temperature=0)
     assert echo.choices[0].text.startswith("The cat")
-    raw = httpx.post(f"{stack.base_url}/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3}).json()
+    raw = httpx.post(f"{target.base_url}/completions", json={"model": model, "prompt": "hi", "max_tokens": 3}).json()
     openapi_validate("CreateCompletionResponse", raw)
-    whole = client.completions.create(model="tiny", prompt="The cat", max_tokens=12, temperature=0)
+    whole = client.completions.create(model=model, prompt="The cat", max_tokens=12, temperature=0)
     # openai's own Completion type says finish_reason is never null, yet OpenAI streams null until the last
     # chunk; the raw chunks are checked against the OpenAPI document instead (see below)
-    lenient = openai.OpenAI(base_url=stack.base_url, api_key="none", max_retries=0)
     chunks = list(
-        lenient.completions.create(
-            model="tiny",
+        target.lenient.completions.create(
+            model=model,
             prompt="The cat",
             max_tokens=12,
             temperature=0,
@@ -156,7 +174,7 @@ def test_completions_batch_echo_and_stream(stack: Stack, client: openai.OpenAI, 
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     with httpx.stream(
-        "POST", f"{stack.base_url}/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 5, "stream": True}
+        "POST", f"{target.base_url}/completions", json={"model": model, "prompt": "hi", "max_tokens": 5, "stream": True}
     ) as resp:
         lines = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
@@ -164,6 +182,35 @@ def test_completions_batch_echo_and_stream(stack: Stack, client: openai.OpenAI, 
         openapi_validate("CreateCompletionStreamResponse", json.loads(line))
 
 
+def test_context_overflow_is_400(target: Target) -> None:
+    long = [{"role": "user", "content": "word " * (target.context + 100)}]
+    with pytest.raises(openai.BadRequestError) as err:
+        target.client.chat.completions.create(model=target.model, messages=long)
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as err:
+        target.client.chat.completions.create(model=target.model, messages=MESSAGES, max_tokens=target.context)
+    assert err.value.param == "max_tokens"
+
+
+def test_unicode_line_separators_survive_the_stream(target: Target) -> None:
+    prompt = "a\u2028b\u2029c\x85d\re"  # JSON leaves these unescaped; they must not split stream lines
+    r = target.client.completions.create(model=target.model, prompt=prompt, max_tokens=2, echo=True, temperature=0)
+    assert r.choices[0].text.startswith(prompt)
+
+
+ENGINE_NEUTRAL = [
+    "test_chat_usage_is_exact",
+    "test_stream_joined_equals_non_stream",
+    "test_seed_reproducible_and_n_choices_differ",
+    "test_stop_string_truncates_stream_and_non_stream",
+    "test_stop_token_ids_penalties_and_max_completion_tokens",
+    "test_completions_batch_echo_and_stream",
+    "test_context_overflow_is_400",
+    "test_unicode_line_separators_survive_the_stream",
+]
+
+
+# -- this stack's other workers and the tutorial ----------------------------------------------------------------
 def _cos(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True))
 
@@ -207,15 +254,6 @@ def test_load_8bit_worker_serves(client: openai.OpenAI, stack: Stack) -> None:
     assert r.usage.completion_tokens == 5 and r.choices[0].message.content
 
 
-def test_context_overflow_is_400(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 3000}])
-    assert err.value.code == "context_length_exceeded"
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5000)
-    assert err.value.param == "max_tokens"
-
-
 def test_client_disconnect_aborts_generation(stack: Stack) -> None:
     before = stack.worker_health("worker-tiny")["generated_tokens"]
     body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 1900, "ignore_eos": True, "stream": True}
@@ -257,9 +295,3 @@ def test_worker_token_count_and_details(stack: Stack, tokenizer) -> None:
     assert details["context_length"] == 2048 and details["kind"] == "chat" and ALIAS in details["model_names"]
     count = httpx.post(f"{url}/count_tokens", json={"prompt": "北京 is big"}).json()["count"]
     assert count == len(tokenizer.encode("北京 is big"))
-
-
-def test_unicode_line_separators_survive_the_stream(client: openai.OpenAI) -> None:
-    prompt = "a\u2028b\u2029c\x85d\re"  # JSON leaves these unescaped; they must not split stream lines
-    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, echo=True, temperature=0)
-    assert r.choices[0].text.startswith(prompt)

@@ -23,6 +23,8 @@ from transformers import AutoTokenizer
 from llmstack.engines import EngineOptionError, EngineOptions, create_engine, vllm_engine_args
 from llmstack.engines.vllm import REMOVED_ARGS, parse_extra_flags, resolve_engine_args
 from tests import test_api_depth as api_depth_tests
+from tests import test_serving_e2e as serving_tests
+from tests.support.api_depth import Target, new_target
 from tests.support.procs import DEFAULT_ENV, REPO_ROOT
 from tests.support.stack import Stack, new_stack
 from tests.support.tiny_model import build_tiny_llama
@@ -192,111 +194,6 @@ def test_worker_reports_vllm_engine_and_notes(vstack: Stack) -> None:
 
 
 @pytest.mark.slow
-def test_chat_usage_is_exact(vstack: Stack, client: openai.OpenAI, tokenizer, openapi_validate) -> None:  # noqa: ANN001
-    r = client.chat.completions.create(
-        model=VLLM, messages=MESSAGES, max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
-    )
-    prompt_len = _chat_prompt_len(tokenizer, MESSAGES)
-    assert r.usage.prompt_tokens == prompt_len
-    assert r.usage.completion_tokens == 7 and r.usage.total_tokens == prompt_len + 7
-    assert r.choices[0].finish_reason == "length" and r.choices[0].message.role == "assistant"
-    raw = httpx.post(
-        f"{vstack.base_url}/chat/completions", json={"model": VLLM, "messages": MESSAGES, "max_tokens": 3}
-    ).json()
-    openapi_validate("CreateChatCompletionResponse", raw)
-
-
-@pytest.mark.slow
-def test_stream_joined_equals_non_stream(vstack: Stack, client: openai.OpenAI, openapi_validate) -> None:  # noqa: ANN001
-    kwargs = dict(model=VLLM, messages=MESSAGES, max_tokens=40, temperature=0, seed=7)
-    whole = client.chat.completions.create(**kwargs)
-    pieces, usage, finish = [], None, None
-    for chunk in client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
-        if chunk.usage:
-            usage = chunk.usage
-        for choice in chunk.choices:
-            pieces.append(choice.delta.content or "")
-            finish = choice.finish_reason or finish
-    assert "".join(pieces) == whole.choices[0].message.content
-    assert finish == whole.choices[0].finish_reason
-    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
-    assert usage.prompt_tokens == whole.usage.prompt_tokens
-    with httpx.stream(
-        "POST",
-        f"{vstack.base_url}/chat/completions",
-        json={**kwargs, "stream": True, "stream_options": {"include_usage": True}},
-    ) as resp:
-        assert resp.headers["content-type"].startswith("text/event-stream")
-        lines = [line for line in resp.iter_lines() if line.startswith("data: ")]
-    assert lines[-1] == "data: [DONE]"
-    for line in lines[:-1]:
-        openapi_validate("CreateChatCompletionStreamResponse", json.loads(line[6:]))
-
-
-@pytest.mark.slow
-def test_seed_reproducible_and_n_choices_differ(client: openai.OpenAI) -> None:
-    kwargs = dict(
-        model=VLLM, messages=MESSAGES, max_tokens=24, temperature=1.0, seed=1234, extra_body={"ignore_eos": True}
-    )
-    a = client.chat.completions.create(**kwargs)
-    b = client.chat.completions.create(**kwargs)
-    assert a.choices[0].message.content == b.choices[0].message.content
-    many = client.chat.completions.create(**{**kwargs, "n": 3})
-    assert [c.index for c in many.choices] == [0, 1, 2]
-    assert many.choices[0].message.content == a.choices[0].message.content  # choice i uses seed + i
-    assert len({c.message.content for c in many.choices}) == 3
-    assert many.usage.completion_tokens == 3 * 24
-    streamed = ["", "", ""]
-    for chunk in client.chat.completions.create(**{**kwargs, "n": 3}, stream=True):
-        for choice in chunk.choices:
-            streamed[choice.index] += choice.delta.content or ""
-    assert streamed == [c.message.content for c in many.choices]
-
-
-@pytest.mark.slow
-def test_stop_string_truncates_stream_and_non_stream(client: openai.OpenAI) -> None:
-    base = dict(model=VLLM, messages=MESSAGES, max_tokens=60, temperature=0, extra_body={"ignore_eos": True})
-    text = client.chat.completions.create(**base).choices[0].message.content
-    assert len(text) > 12
-    stop = text[8:11]
-    expected = text[: text.index(stop)]
-    r = client.chat.completions.create(**base, stop=[stop, "never-appears"])
-    assert r.choices[0].message.content == expected
-    assert r.choices[0].finish_reason == "stop"
-    streamed = "".join(
-        c.choices[0].delta.content or ""
-        for c in client.chat.completions.create(**base, stop=stop, stream=True)
-        if c.choices
-    )
-    assert streamed == expected
-
-
-@pytest.mark.slow
-def test_stop_token_ids_penalties_and_max_completion_tokens(client: openai.OpenAI, tokenizer) -> None:  # noqa: ANN001
-    base = dict(model=VLLM, messages=MESSAGES, temperature=0, extra_body={"ignore_eos": True})
-    r = client.chat.completions.create(**base, max_completion_tokens=5)
-    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tokenizer.name_or_path)
-    with torch.no_grad():  # the greedy first token, from a reference forward pass
-        first_id = int(model(torch.tensor([tokenizer.encode("The cat")])).logits[0, -1].argmax())
-    r2 = client.completions.create(
-        model=VLLM, prompt="The cat", max_tokens=5, temperature=0, extra_body={"stop_token_ids": [first_id]}
-    )
-    assert r2.choices[0].finish_reason == "stop" and r2.usage.completion_tokens == 1
-    # penalties reach vLLM: greedy output that repeats itself changes under a strong frequency penalty
-    plain = client.chat.completions.create(**base, max_tokens=40).choices[0].message.content
-    penalised = client.chat.completions.create(**base, max_tokens=40, frequency_penalty=2.0, presence_penalty=1.0)
-    assert penalised.choices[0].message.content != plain
-    repeated = client.chat.completions.create(
-        **{**base, "extra_body": {"ignore_eos": True, "repetition_penalty": 3.0}}, max_tokens=40
-    )
-    assert repeated.choices[0].message.content != plain
-
-
-@pytest.mark.slow
 def test_vllm_rejections_are_typed_errors(vstack: Stack) -> None:
     url = vstack.workers["worker-vllm"][1]
     body = {"prompt": "The cat", "params": {"max_tokens": 4, "temperature": -1.0}}
@@ -304,45 +201,6 @@ def test_vllm_rejections_are_typed_errors(vstack: Stack) -> None:
     error = json.loads(lines[0])["error"]
     assert error["type"] == "invalid_request_error" and "temperature" in error["message"]
     assert error["param"] == "temperature"
-
-
-@pytest.mark.slow
-def test_completions_batch_echo_and_stream(vstack: Stack, client: openai.OpenAI, openapi_validate) -> None:  # noqa: ANN001
-    r = client.completions.create(model=VLLM, prompt=["The cat", "北京"], max_tokens=6, n=2, seed=3, temperature=0.8)
-    assert [c.index for c in r.choices] == [0, 1, 2, 3]
-    echo = client.completions.create(model=VLLM, prompt="The cat", max_tokens=4, echo=True, temperature=0)
-    assert echo.choices[0].text.startswith("The cat")
-    whole = client.completions.create(model=VLLM, prompt="The cat", max_tokens=12, temperature=0)
-    lenient = openai.OpenAI(base_url=vstack.base_url, api_key="none", max_retries=0)
-    chunks = list(
-        lenient.completions.create(
-            model=VLLM,
-            prompt="The cat",
-            max_tokens=12,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-    )
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
-    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-    with httpx.stream(
-        "POST", f"{vstack.base_url}/completions", json={"model": VLLM, "prompt": "hi", "max_tokens": 5, "stream": True}
-    ) as resp:
-        lines = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
-    assert lines[-1] == "[DONE]"
-    for line in lines[:-1]:
-        openapi_validate("CreateCompletionStreamResponse", json.loads(line))
-
-
-@pytest.mark.slow
-def test_context_overflow_is_400(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=VLLM, messages=[{"role": "user", "content": "word " * 20000}])
-    assert err.value.code == "context_length_exceeded"
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=VLLM, messages=MESSAGES, max_tokens=CONTEXT)
-    assert err.value.param == "max_tokens"
 
 
 @pytest.mark.slow
@@ -426,18 +284,14 @@ def test_one_api_server_serves_one_model_from_both_engines(vstack: Stack, client
         assert isinstance(text, str)
 
 
-# -- logprobs, structured output and tools: the transformers engine's tests, against the vLLM worker ----------
+# -- the transformers engine's engine-neutral tests, against the vLLM worker ---------------------------------
 @pytest.fixture(scope="module")
-def depth(vstack: Stack, model_dir: Path):  # noqa: ANN201
-    from tests.support.api_depth import Reference
-    from tests.test_api_depth import Target
-
-    client = openai.OpenAI(base_url=vstack.base_url, api_key="none", _strict_response_validation=True, max_retries=0)
-    return Target(client, VLLM, vstack.base_url, Reference(model_dir))
+def target(vstack: Stack, model_dir: Path) -> Target:
+    return new_target(vstack.base_url, VLLM, model_dir, CONTEXT)
 
 
 def _on_vllm(test):  # noqa: ANN001, ANN202
-    """The same test collected here (where `depth` is the vLLM worker), marked slow, the original untouched."""
+    """The same test collected here (where `target` is the vLLM worker), marked slow, the original untouched."""
 
     @functools.wraps(test)
     def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -447,6 +301,8 @@ def _on_vllm(test):  # noqa: ANN001, ANN202
     return run
 
 
+for _name in serving_tests.ENGINE_NEUTRAL:
+    globals()[_name] = _on_vllm(getattr(serving_tests, _name))
 for _name, _test in vars(api_depth_tests).items():
     if _name.startswith("test_") and callable(_test):
         globals()[_name] = _on_vllm(_test)

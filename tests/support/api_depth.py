@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,12 +119,37 @@ class Reference:
     def token_id(self, entry: dict[str, Any]) -> int:
         return self.by_bytes[bytes(entry["bytes"])]
 
+    def greedy_next(self, prompt: list[int]) -> int:
+        with torch.inference_mode():
+            return int(self.model(torch.tensor([prompt])).logits[0, -1].argmax())
+
     def logprobs(self, prompt: list[int], generated: list[int]) -> list[float]:
         """log p(generated[i] | prompt + generated[:i]) at temperature 1."""
         with torch.inference_mode():
             logits = self.model(torch.tensor([prompt + generated])).logits[0].float()
         lp = torch.log_softmax(logits, dim=-1)
         return [float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(generated)]
+
+
+@dataclass
+class Target:
+    """What the engine-neutral end-to-end tests run against: one model behind an API server."""
+
+    client: openai.OpenAI  # strict response validation
+    model: str
+    base_url: str
+    ref: Reference
+    context: int
+
+    @property
+    def lenient(self) -> openai.OpenAI:
+        """The same client without strict validation (for bodies the client's own types get wrong)."""
+        return openai.OpenAI(base_url=self.base_url, api_key="none", max_retries=0)
+
+
+def new_target(base_url: str, model: str, model_dir: Path, context: int) -> Target:
+    client = openai.OpenAI(base_url=base_url, api_key="none", _strict_response_validation=True, max_retries=0)
+    return Target(client, model, base_url, Reference(model_dir), context)
 
 
 def check_top_logprobs(entries: list[dict[str, Any]], top: int) -> None:
