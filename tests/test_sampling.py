@@ -54,3 +54,35 @@ def test_repetition_penalty_covers_the_prompt() -> None:
     assert sampler([1], temperature=0, repetition_penalty=1.2).sample(logits()) == 2  # 3.0/1.2 < 2.9
     negative = torch.tensor([-1.0, -1.1])
     assert sampler([0], temperature=0, repetition_penalty=2.0).sample(negative) == 1  # -1*2 < -1.1
+
+
+def test_draws_follow_the_distribution_and_never_pick_impossible_tokens() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    s = sampler(temperature=1.0, seed=0)
+    counts = [0, 0, 0, 0]
+    for _ in range(4000):
+        counts[s.sample(torch.log(probs))] += 1
+    assert counts[3] == 0
+    for got, want in zip(counts[:3], [0.5, 0.3, 0.2], strict=True):
+        assert abs(got / 4000 - want) < 0.03, counts
+
+
+def test_a_seeded_row_does_not_depend_on_its_neighbours() -> None:
+    from llmstack.engines.sampling import sample_rows
+
+    row = torch.randn(50, generator=torch.Generator().manual_seed(1))
+
+    def run(batch: int, position: int) -> list[int]:
+        mine = sampler(temperature=1.0, seed=9)
+        others = [sampler(temperature=0.5 + i, seed=100 + i) for i in range(batch - 1)]
+        tokens = []
+        for _ in range(20):
+            logits = torch.randn(batch, 50)
+            logits[position] = row
+            samplers = others[:position] + [mine] + others[position:]
+            tokens.append(sample_rows(samplers, logits)[position].token)
+        return tokens
+
+    alone = run(1, 0)
+    assert run(4, 0) == alone and run(4, 2) == alone
+    assert len(set(alone)) > 3  # it really samples

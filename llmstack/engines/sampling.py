@@ -156,24 +156,29 @@ def sample_rows(samplers: Sequence[SequenceSampler], logits: torch.Tensor) -> li
             if not s.greedy and (0 < s.params.top_k < x.shape[-1] or s.params.top_p < 1.0):
                 x[j] = s.truncate(x[j])
         random_rows = [j for j, s in enumerate(rows) if not s.greedy]
-        probs = torch.softmax(x[random_rows], dim=-1) if random_rows else None
+        drawn = iter(_draw(x[random_rows], [rows[j].generator for j in random_rows]) if random_rows else [])
         need_lp = [j for j, s in enumerate(rows) if s.params.logprobs is not None]
         logprobs = torch.log_softmax(x[need_lp], dim=-1) if need_lp else None
-        draws = iter(range(len(random_rows)))
         greedy_tokens = x.argmax(dim=-1).tolist() if len(random_rows) < len(rows) else []
         lp_row = {j: k for k, j in enumerate(need_lp)}
         for j, (i, s) in enumerate(zip(rest, rows, strict=True)):
-            if s.greedy:
-                token = int(greedy_tokens[j])
-            else:
-                assert probs is not None
-                token = int(torch.multinomial(probs[next(draws)], 1, generator=s.generator))
+            token = int(greedy_tokens[j]) if s.greedy else next(drawn)
             s.record(token)
             sampled = Sampled(token)
             if logprobs is not None and j in lp_row:
                 _fill_logprobs(sampled, logprobs[lp_row[j]], s.params.logprobs or 0)
             out[i] = sampled
     return out  # type: ignore[return-value]
+
+
+def _draw(logits: torch.Tensor, generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One token per row from softmax(logits) by inverse CDF: one uniform number from each row's own
+    generator (so a seeded row does not depend on its neighbours) and one batched search, where
+    `torch.multinomial` per row costs about 0.5 ms for a 32k vocabulary."""
+    cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)
+    u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators]).unsqueeze(1)
+    picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # the first token whose CDF passes u
+    return picked.clamp_(max=logits.shape[-1] - 1).squeeze(1).tolist()
 
 
 def _fill_logprobs(sampled: Sampled, row: torch.Tensor, top: int) -> None:
