@@ -335,7 +335,7 @@ def build_worker_app(settings: WorkerSettings, engine: Engine) -> FastAPI:
 
     tokens = [settings.cluster_token] if settings.cluster_token else []
 
-    def require_token(request: Request) -> None:
+    async def require_token(request: Request) -> None:  # async: a plain def would run in the thread pool
         check_bearer(request, tokens, what="cluster token")
 
     @app.get("/health")
