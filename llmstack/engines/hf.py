@@ -426,6 +426,14 @@ class HFEngine(TemplatedEngine):
         try:
             while True:
                 item = await seq.out.get()
+                # chunks that queued up while the consumer was busy leave as one (never waiting for more)
+                while isinstance(item, Chunk) and item.finish_reason is None and not seq.out.empty():
+                    following = seq.out.get_nowait()
+                    if isinstance(following, BaseException):
+                        yield item
+                        item = following
+                        break
+                    item = Chunk(item.text + following.text, item.tokens + following.tokens, following.finish_reason)
                 if isinstance(item, BaseException):
                     raise item
                 yield item
