@@ -2,12 +2,15 @@
 
     python bench/fastchat_compare.py            # full run: ~72M-parameter Llama, >= 200 latency requests
     python bench/fastchat_compare.py --quick    # CI smoke run: tiny model, few requests, no timing asserts
+    python bench/fastchat_compare.py --only latency    # one measurement (latency, streaming, throughput)
 
 Both stacks run as their real processes (controller, worker, OpenAI API server) and stay up for the
 whole run; each measurement runs on one stack, then on the other, alternating (the order flips from
 one measurement to the next) so that a noisy neighbour hurts both alike.  Measurements:
 
-1. stack overhead: latency of a 1-token chat completion, one request at a time (median, p99);
+1. stack overhead: latency of a 1-token chat completion, one request at a time (median, p99), and in
+   the same run the bare model time of that request (its prompt through the same model in this
+   process: one prefill and one sampled token), so that stack overhead = latency - bare model time;
 2. streaming: delivered tokens/s and time to first token with 1, 8, 32 and 64 concurrent streams;
 3. throughput: aggregate generated tokens/s of non-streamed requests at 1, 4, 16 and 32 at once, and
    the worker's peak resident memory.
@@ -24,7 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,7 @@ class Reply:
     latency: float = 0.0
     ttft: float | None = None
     tokens: int = 0
+    prompt_tokens: int = 0
     finish: str | None = None
     error: str = ""
 
@@ -79,6 +83,7 @@ class Results:
     model: dict[str, Any]
     plan: dict[str, Any]
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    bare_model: dict[str, float] = field(default_factory=dict)  # the 1-token request's model compute alone
     streaming: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     throughput: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
@@ -116,7 +121,11 @@ async def complete(client: httpx.AsyncClient, url: str, i: int, max_tokens: int)
         body = resp.json()
         finish = body["choices"][0]["finish_reason"]
         return Reply(
-            True, elapsed, tokens=_tokens(finish, int(body["usage"]["completion_tokens"]), max_tokens), finish=finish
+            True,
+            elapsed,
+            tokens=_tokens(finish, int(body["usage"]["completion_tokens"]), max_tokens),
+            prompt_tokens=int(body["usage"]["prompt_tokens"]),
+            finish=finish,
         )
     except (httpx.HTTPError, KeyError, ValueError) as exc:
         return Reply(False, time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}")
@@ -177,24 +186,95 @@ def _check(replies: list[Reply], label: str, results: Results) -> list[Reply]:
     return [r for r in replies if r.ok]
 
 
-async def measure_latency(stacks: dict[str, Stack], plan: Plan, results: Results) -> None:
+class BareModel:
+    """The model compute of a 1-token request without any stack: the request's prompt token ids through
+    the same model in this process (the same weights, dtype and torch build as llmstack's worker, on
+    the same cores): one prefill into a fresh cache, then one token sampled from the last position's
+    logits at the benchmark's temperature.  Every call runs on the calling thread (one OpenMP pool)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.generator = torch.Generator().manual_seed(0)
+
+    def prompt_ids(self, i: int) -> list[int]:
+        """The token ids the stacks feed the model for request `i` (its chat template, as both render it)."""
+        messages = _body(i, 1, False)["messages"]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def run(self, ids: list[int]) -> float:
+        """Seconds for one prefill producing one token."""
+        torch = self.torch
+        with torch.inference_mode():
+            started = time.perf_counter()
+            input_ids = torch.tensor([ids])
+            logits = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1).logits[0, -1]
+            probs = torch.softmax(logits.float() / 0.7, dim=-1)
+            int(torch.multinomial(probs, 1, generator=self.generator))
+            return time.perf_counter() - started
+
+
+async def measure_latency(stacks: dict[str, Stack], plan: Plan, results: Results, bare: BareModel | None) -> None:
+    """Blocks of `latency_block` sequential requests per stack, and as many bare model runs, in an order
+    that rotates from one block to the next."""
     samples: dict[str, list[float]] = {name: [] for name in stacks}
+    bare_samples: list[float] = []
+    prompt_tokens: dict[str, set[int]] = {name: set() for name in stacks}
+    sources = [*stacks, "bare model"] if bare is not None else list(stacks)
+    blocks = max(1, plan.latency_requests // plan.latency_block)
+    expected_prompts = sorted({len(bare.prompt_ids(n)) for n in range(blocks * plan.latency_block)}) if bare else []
+    if bare is not None:
+        for n in range(5):  # warm up, as the stacks were
+            bare.run(bare.prompt_ids(n))
     async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
-        blocks = max(1, plan.latency_requests // plan.latency_block)
         for b in range(blocks):
-            order = list(stacks) if b % 2 == 0 else list(reversed(stacks))
+            order = sources[b % len(sources) :] + sources[: b % len(sources)]
+            if b % 2:
+                order.reverse()
             for name in order:
                 for i in range(plan.latency_block):
-                    reply = await complete(client, stacks[name].api_url, b * plan.latency_block + i, 1)
+                    n = b * plan.latency_block + i
+                    if name == "bare model":
+                        assert bare is not None
+                        bare_samples.append(bare.run(bare.prompt_ids(n)))
+                        continue
+                    reply = await complete(client, stacks[name].api_url, n, 1)
                     good = _check([reply], f"{name} latency", results)
                     samples[name].extend(r.latency for r in good)
+                    prompt_tokens[name].update(r.prompt_tokens for r in good)
+                if name == "bare model":
+                    await asyncio.sleep(0.05)  # let this process's OpenMP threads stop spinning
+    bare_ms = 1000 * statistics.median(bare_samples) if bare_samples else None
+    if bare_ms is not None:
+        results.bare_model = {
+            "runs": len(bare_samples),
+            "median_ms": bare_ms,
+            "p99_ms": 1000 * _pct(bare_samples, 0.99),
+            "prompt_tokens_min": expected_prompts[0],
+            "prompt_tokens_max": expected_prompts[-1],
+        }
+        tokens = f"{expected_prompts[0]}-{expected_prompts[-1]} prompt tokens"
+        print(f"  bare model        median {bare_ms:8.1f} ms ({tokens})", flush=True)
     for name, values in samples.items():
-        results.latency[name] = {
+        row: dict[str, float] = {
             "requests": len(values),
             "median_ms": 1000 * statistics.median(values) if values else float("nan"),
             "p99_ms": 1000 * _pct(values, 0.99),
         }
-        print(f"  latency {name:9s} median {results.latency[name]['median_ms']:8.1f} ms", flush=True)
+        if bare_ms is not None:  # the model's share is the same in both stacks: what is left is the stack's
+            row["overhead_median_ms"] = row["median_ms"] - bare_ms
+            row["overhead_p99_ms"] = row["p99_ms"] - bare_ms
+        results.latency[name] = row
+        reported = sorted(prompt_tokens[name])
+        if name == "llmstack" and expected_prompts and reported and reported != expected_prompts:
+            results.errors.append(f"llmstack's prompts have {reported} tokens, the bare model's {expected_prompts}")
+        extra = f", overhead {row['overhead_median_ms']:6.1f} ms" if "overhead_median_ms" in row else ""
+        print(f"  latency {name:9s} median {row['median_ms']:8.1f} ms{extra}", flush=True)
 
 
 async def _burst(url: str, n: int, call: Callable[..., Awaitable[Reply]], max_tokens: int) -> tuple[list[Reply], float]:
@@ -235,18 +315,26 @@ async def warm_up(stacks: dict[str, Stack]) -> None:
                 await complete(client, stack.api_url, i, 8)
 
 
-async def run_all(stacks: dict[str, Stack], plan: Plan, results: Results) -> None:
+MEASUREMENTS = ("latency", "streaming", "throughput")
+
+
+async def run_all(
+    stacks: dict[str, Stack], plan: Plan, results: Results, bare: BareModel | None, only: tuple[str, ...] = MEASUREMENTS
+) -> None:
     rss = {name: RssSampler(stack.worker.popen.pid) for name, stack in stacks.items()}
     for sampler in rss.values():
         sampler.__enter__()
     try:
         await warm_up(stacks)
-        print("1. stack overhead (1-token chat completions)", flush=True)
-        await measure_latency(stacks, plan, results)
-        print("2. streaming", flush=True)
-        await measure_concurrency(stacks, plan, results, "streaming", rss)
-        print("3. throughput", flush=True)
-        await measure_concurrency(stacks, plan, results, "throughput", rss)
+        if "latency" in only:
+            print("1. stack overhead (1-token chat completions, and the bare model)", flush=True)
+            await measure_latency(stacks, plan, results, bare)
+        if "streaming" in only:
+            print("2. streaming", flush=True)
+            await measure_concurrency(stacks, plan, results, "streaming", rss)
+        if "throughput" in only:
+            print("3. throughput", flush=True)
+            await measure_concurrency(stacks, plan, results, "throughput", rss)
     finally:
         for name, sampler in rss.items():
             sampler.__exit__()
@@ -262,9 +350,16 @@ def targets(results: Results, plan: Plan) -> list[tuple[str, str, bool]]:
     """(target, measured, met) for the three ratio targets; only meaningful for the full plan."""
     out: list[tuple[str, str, bool]] = []
     lat = results.latency
-    if "fastchat" in lat and "llmstack" in lat:
-        r = _ratio(lat["fastchat"]["median_ms"], lat["llmstack"]["median_ms"])
-        out.append(("overhead: median latency >= 5x lower", f"{r:.1f}x lower", r >= 5))
+    if "overhead_median_ms" in lat.get("fastchat", {}) and "overhead_median_ms" in lat.get("llmstack", {}):
+        ours, theirs = lat["llmstack"]["overhead_median_ms"], lat["fastchat"]["overhead_median_ms"]
+        r = _ratio(theirs, ours)
+        out.append(
+            (
+                "stack overhead (median 1-token latency - bare model time) >= 5x lower",
+                f"{ours:.1f} vs {theirs:.1f} ms, {r:.1f}x lower",
+                r >= 5,
+            )
+        )
     level = "16" if "16" in results.throughput.get("llmstack", {}) else str(plan.throughput_levels[-1])
     thr = results.throughput
     if level in thr.get("fastchat", {}) and level in thr.get("llmstack", {}):
@@ -281,7 +376,7 @@ def targets(results: Results, plan: Plan) -> list[tuple[str, str, bool]]:
 
 
 def render_table(results: Results, plan: Plan) -> str:
-    names = [n for n in STACKS if n in results.latency]
+    names = [n for n in STACKS if n in results.latency or n in results.throughput or n in results.streaming]
     lines: list[str] = []
     model = results.model
     lines.append(
@@ -299,8 +394,17 @@ def render_table(results: Results, plan: Plan) -> str:
             ratio = f"{r:>9.1f}x"
         lines.append(f"{label:44s}{cells}{ratio}")
 
-    row("1. 1-token latency median (ms)", [results.latency[n]["median_ms"] for n in names], ".1f", True)
-    row("   1-token latency p99 (ms)", [results.latency[n]["p99_ms"] for n in names], ".1f", True)
+    if names and all(n in results.latency for n in names):
+        row("1. 1-token latency median (ms)", [results.latency[n]["median_ms"] for n in names], ".1f", True)
+        row("   1-token latency p99 (ms)", [results.latency[n]["p99_ms"] for n in names], ".1f", True)
+    bare = results.bare_model
+    if bare and all("overhead_median_ms" in results.latency.get(n, {}) for n in names):
+        lines.append(
+            f"{'   bare model time, median (ms)':44s}{bare['median_ms']:>14.1f}  (same for both: the prompt's "
+            f"{bare['prompt_tokens_min']}-{bare['prompt_tokens_max']} tokens, 1 prefill + 1 sample, in-process)"
+        )
+        row("   stack overhead median (ms)", [results.latency[n]["overhead_median_ms"] for n in names], ".1f", True)
+        row("   stack overhead p99 (ms)", [results.latency[n]["overhead_p99_ms"] for n in names], ".1f", True)
     for level in plan.stream_levels:
         key = str(level)
         if all(key in results.streaming.get(n, {}) for n in names):
@@ -315,7 +419,8 @@ def render_table(results: Results, plan: Plan) -> str:
             row(f"3. {level:>2d} concurrent: generated tok/s", [v["tok_s"] for v in vals], ".1f", False)
     row("   worker peak RSS (MiB)", [results.peak_rss_mb.get(n, 0.0) for n in names], ".0f", True)
     lines.append(
-        "ratio: how many times better llmstack is (FastChat / llmstack for times, llmstack / FastChat for rates)"
+        "ratio: how many times better llmstack is (FastChat / llmstack for times, llmstack / FastChat for rates); "
+        "stack overhead = latency - bare model time"
     )
     if results.mode == "full":
         lines.append("targets:")
@@ -330,29 +435,33 @@ def plot(results: Results, plan: Plan, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in STACKS if n in results.latency]
+    names = [n for n in STACKS if n in results.latency or n in results.throughput or n in results.streaming]
     colors = {"llmstack": "#1f77b4", "fastchat": "#d62728"}
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     ax = axes[0][0]
-    xs = range(len(names))
-    ax.bar(
-        [x - 0.2 for x in xs],
-        [results.latency[n]["median_ms"] for n in names],
-        0.4,
-        label="median",
-        color=[colors[n] for n in names],
-    )
-    ax.bar(
-        [x + 0.2 for x in xs],
-        [results.latency[n]["p99_ms"] for n in names],
-        0.4,
-        label="p99",
-        color=[colors[n] for n in names],
-        alpha=0.5,
-    )
-    ax.set_xticks(list(xs), names)
+    lat_names = [n for n in names if n in results.latency]
+    xs = range(len(lat_names))
+    bars = [("median_ms", {}), ("p99_ms", {"alpha": 0.5})]
+    if all("overhead_median_ms" in results.latency[n] for n in lat_names):
+        bars.append(("overhead_median_ms", {"hatch": "//", "fill": False}))
+    width = 0.8 / len(bars)
+    for k, (key, style) in enumerate(bars):
+        ax.bar(
+            [x - 0.4 + width * (k + 0.5) for x in xs],
+            [results.latency[n][key] for n in lat_names],
+            width,
+            color=[colors[n] for n in lat_names],
+            edgecolor=[colors[n] for n in lat_names],
+            **style,
+        )
+    if results.bare_model:
+        ax.axhline(results.bare_model["median_ms"], color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks(list(xs), lat_names)
     ax.set_ylabel("ms")
-    ax.set_title("1. 1-token chat completion latency (median, p99 light)")
+    ax.set_title(
+        "1. 1-token latency: median, p99 (light), stack overhead (hatched)\n= median - bare model time (dashed line)",
+        fontsize=10,
+    )
     panels = [
         (axes[0][1], results.streaming, plan.stream_levels, "tok_s", "2. streaming: delivered tokens/s", "tokens/s"),
         (axes[1][0], results.streaming, plan.stream_levels, "ttft_p50_ms", "2. streaming: TTFT p50", "ms"),
@@ -386,14 +495,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results directory")
     parser.add_argument("--skip-fastchat", action="store_true", help="measure llmstack alone (e.g. while profiling)")
+    parser.add_argument(
+        "--only",
+        default=",".join(MEASUREMENTS),
+        help="comma-separated subset of: latency, streaming, throughput (output files get it as a suffix)",
+    )
+    parser.add_argument("--latency-requests", type=int, help="1-token requests per stack (default: the plan's)")
     args = parser.parse_args(argv)
+    only = tuple(m.strip() for m in args.only.split(",") if m.strip())
+    unknown = [m for m in only if m not in MEASUREMENTS]
+    if unknown or not only:
+        parser.error(f"--only: choose among {', '.join(MEASUREMENTS)} (got {args.only!r})")
 
     plan = QUICK_PLAN if args.quick else FULL_PLAN
+    if args.latency_requests:
+        plan = replace(plan, latency_requests=args.latency_requests)
     size = QUICK if args.quick else FULL
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
-    logs = out / f"logs{suffix}"
+    if set(only) != set(MEASUREMENTS):
+        suffix += "-" + "-".join(only)
+    logs = out / f"logs{'-quick' if args.quick else ''}"
     model_dir = build_model(out / "models", size)
     results = Results(
         mode="quick" if args.quick else "full",
@@ -401,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         plan=asdict(plan),
     )
     print(f"model {model_dir} ({results.model['parameters'] / 1e6:.1f}M parameters)", flush=True)
+    bare = BareModel(model_dir) if "latency" in only else None
     python = None if args.skip_fastchat else ensure_fastchat(log=logs / "fastchat-install.log")
 
     stacks: dict[str, Stack] = {}
@@ -410,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         if python is not None:
             stacks["fastchat"] = start_fastchat(python, model_dir, logs, plan.concurrency_limit)
         print(f"stacks up in {time.perf_counter() - started:.1f}s: " + ", ".join(stacks), flush=True)
-        asyncio.run(run_all(stacks, plan, results))
+        asyncio.run(run_all(stacks, plan, results, bare, only))
     finally:
         for stack in stacks.values():
             stack.stop()

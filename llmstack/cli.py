@@ -257,7 +257,10 @@ def worker(
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus  # before torch initialises CUDA
         if num_gpus > len(gpus.split(",")):
             _fail(f"--num-gpus {num_gpus} is larger than the number of --gpus given ({gpus})")
-    from .engines import EngineOptionError, EngineOptions, create_engine
+    from .engines import EngineOptionError, EngineOptions, create_engine, tune_openmp
+
+    if backend == "transformers":
+        tune_openmp()  # before torch is imported
     from .service import serve, setup_logging
     from .worker import WorkerSettings, build_worker_app
 

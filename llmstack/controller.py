@@ -179,7 +179,7 @@ def build_controller_app(settings: ControllerSettings) -> FastAPI:
     )
     tokens = [settings.cluster_token] if settings.cluster_token else []
 
-    def require_token(request: Request) -> None:
+    async def require_token(request: Request) -> None:  # async: a plain def would run in the thread pool
         try:
             check_bearer(request, tokens, what="cluster token")
         except AuthenticationError:

@@ -114,7 +114,7 @@ def build_api_app(settings: APISettings) -> FastAPI:
         request.state.tracker = tracker
         return tracker
 
-    def require_key(request: Request) -> None:
+    async def require_key(request: Request) -> None:  # async: a plain def would run in the thread pool
         check_bearer(request, settings.api_keys)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import struct
 import time
@@ -16,6 +15,7 @@ from typing import Any
 
 import anyio
 import httpx
+import orjson
 
 from ..errors import LLMStackError, ServiceUnavailable, WorkerError
 from ..metrics import RequestTracker
@@ -30,7 +30,7 @@ _RETRYABLE_STATUS = {429, 502, 503}
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(obj) + b"\n\n"  # compact UTF-8, as json.dumps(ensure_ascii=False)
 
 
 _DONE = b"data: [DONE]\n\n"
@@ -76,9 +76,24 @@ class WorkerStream:
     def _headers(self) -> dict[str, str]:
         return {REQUEST_ID_HEADER: request_id_var.get(), **self.router.headers}
 
-    async def _next_line(self, lines: AsyncIterator[str], route: Route, started: bool, deadline: float) -> str:
-        """The next line from the worker, or `_Silent` / a timeout error when it does not come in time."""
-        next_line = asyncio.ensure_future(anext(lines))
+    async def _next_lines(
+        self, batches: AsyncIterator[list[bytes]], route: Route, started: bool, deadline: float
+    ) -> list[bytes]:
+        """The next lines from the worker, or `_Silent` / a timeout error when they do not come in time."""
+        if started:  # a silent worker fails the stream: the read can simply be cancelled on timeout
+            left = deadline - time.monotonic()
+            try:
+                async with asyncio.timeout(max(min(self.stream_timeout, left), 0)):
+                    return await anext(batches)
+            except TimeoutError:
+                if left <= self.stream_timeout:
+                    raise WorkerError(
+                        f"the request took longer than the server's request timeout ({self.request_timeout:g}s)",
+                        code="timeout",
+                    ) from None
+                raise _Silent(f"no output for {self.stream_timeout:g}s") from None
+        # before the first event the request may be queued: wait on while the worker's /health answers
+        next_line = asyncio.ensure_future(anext(batches))
         try:
             while True:
                 left = deadline - time.monotonic()
@@ -138,26 +153,24 @@ class WorkerStream:
                             last_error = error
                             continue
                         raise error
-                    lines = _ndjson_lines(response)
+                    batches = _ndjson_batches(response)
                     while True:
                         try:
-                            line = await self._next_line(lines, route, started, deadline)
+                            lines = await self._next_lines(batches, route, started, deadline)
                         except StopAsyncIteration:
                             break
                         except (httpx.TransportError, LLMStackError, _Lost):
                             raise
                         except Exception as exc:
                             raise _Lost(f"{type(exc).__name__}: {exc}") from exc
-                        if not line:
-                            continue
-                        event = json.loads(line)
-                        started = True
-                        yield event
+                        for event in _merge_text_events([orjson.loads(line) for line in lines if line]):
+                            started = True
+                            yield event
                     self.router.mark_ok(route)
                     return
                 finally:
                     await response.aclose()
-            except (httpx.TransportError, json.JSONDecodeError, _Lost) as exc:
+            except (httpx.TransportError, orjson.JSONDecodeError, _Lost) as exc:
                 self.router.mark_failed(route, type(exc).__name__)
                 if started:
                     what = "stopped answering" if isinstance(exc, _Silent) else "failed"
@@ -205,22 +218,47 @@ class WorkerStream:
         raise last_error or ServiceUnavailable(f"no worker could serve '{model}'")
 
 
-async def _ndjson_lines(response: httpx.Response) -> AsyncIterator[bytes]:
-    """Lines split on b"\\n" only: httpx's aiter_lines also splits on U+2028, U+0085 and friends, which
-    JSON text carries unescaped."""
+async def _ndjson_batches(response: httpx.Response) -> AsyncIterator[list[bytes]]:
+    """The complete lines of each read, split on b"\\n" only: httpx's aiter_lines also splits on U+2028,
+    U+0085 and friends, which JSON text carries unescaped."""
     buffer = b""
     async for chunk in response.aiter_bytes():
         buffer += chunk
         *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            yield line
+        if lines:
+            yield lines
     if buffer:
-        yield buffer
+        yield [buffer]
+
+
+def _merge_text_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive text events of one choice that arrived together become one (text joined, tokens
+    summed, the last one's finish reason): when the reader is behind, it sends one chunk for them, not
+    one each.  Nothing waits for more: only what one read brought is merged."""
+    if len(events) < 2:
+        return events
+    merged: list[dict[str, Any]] = []
+    for event in events:
+        last = merged[-1] if merged else None
+        if (
+            last is not None
+            and "text" in event
+            and "text" in last
+            and last["index"] == event["index"]
+            and not last.get("finish_reason")
+        ):
+            last["text"] += event["text"]
+            last["tokens"] += event["tokens"]
+            if event.get("finish_reason"):
+                last["finish_reason"] = event["finish_reason"]
+        else:
+            merged.append(event)
+    return merged
 
 
 def _error_from(content: bytes, status: int) -> LLMStackError:
     try:
-        return LLMStackError.from_body(json.loads(content), status)
+        return LLMStackError.from_body(orjson.loads(content), status)
     except (ValueError, AttributeError):
         return WorkerError(f"worker answered HTTP {status}")
 

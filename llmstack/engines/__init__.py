@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -14,6 +16,22 @@ if TYPE_CHECKING:
 
 Backend = Literal["transformers", "vllm"]
 BACKENDS: tuple[str, ...] = ("transformers", "vllm")
+
+
+# libgomp, the OpenMP runtime of torch's CPU builds, lets a thread that waits at a barrier spin about
+# 300,000 times before it sleeps.  A worker's generation thread shares the cores with its event loop
+# (which streams the tokens), the API server and the clients: a spinning OpenMP thread takes a core
+# from them, and one descheduled in the middle of a parallel region leaves its partners spinning until
+# it runs again.  Measured with the benchmark model on 2 busy cores: 16 concurrent requests 46-78 tok/s
+# with the default spin, 226-343 tok/s with 20,000; 1-token latency unchanged.
+OPENMP_SPIN_COUNT = "20000"
+
+
+def tune_openmp(environ: MutableMapping[str, str] = os.environ) -> None:
+    """A shorter OpenMP spin for the transformers engine; call before torch is imported.  An
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT of the user's own wins."""
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
 
 
 class EngineOptionError(ValueError):

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -302,13 +303,42 @@ class HFEngine(TemplatedEngine):
         self._speed = 0.0
         self._thread: threading.Thread | None = None
         self._embed_lock = threading.Lock()
+        self._embed_pool: ThreadPoolExecutor | None = None
 
     # -- loading ---------------------------------------------------------------------------------------
     async def start(self) -> None:
-        await asyncio.to_thread(self._load)
+        # The thread that loads the model (and runs the batching check's forward passes) is the one that
+        # generates: each thread that calls into torch's OpenMP gets its own pool of OpenMP workers, and
+        # while a second pool lives (e.g. an idle executor thread that loaded the model), every parallel
+        # region of the generation thread runs slower (measured: a 50-token prefill of the benchmark
+        # model 60 -> 78 ms on 2 cores).  Embedding models have no generation thread; theirs ends here.
+        loop = asyncio.get_running_loop()
+        loaded: asyncio.Future[None] = loop.create_future()
+        self._thread = threading.Thread(
+            target=self._load_then_loop, args=(loop, loaded), name="hf-generate", daemon=True
+        )
+        self._thread.start()
+        await loaded
+        if self.kind != "chat":
+            self._thread = None
+
+    def _load_then_loop(self, loop: asyncio.AbstractEventLoop, loaded: asyncio.Future[None]) -> None:
+        def settle(exc: BaseException | None) -> None:
+            if loaded.done():  # start() was cancelled
+                return
+            if exc is None:
+                loaded.set_result(None)
+            else:
+                loaded.set_exception(exc)
+
+        try:
+            self._load()
+        except BaseException as exc:  # noqa: BLE001 - handed to start()
+            loop.call_soon_threadsafe(settle, exc)
+            return
+        loop.call_soon_threadsafe(settle, None)
         if self.kind == "chat":
-            self._thread = threading.Thread(target=self._loop, name="hf-generate", daemon=True)
-            self._thread.start()
+            self._loop()
 
     def _load(self) -> None:
         import torch
@@ -402,6 +432,8 @@ class HFEngine(TemplatedEngine):
     async def close(self) -> None:
         if self._thread is not None:
             self._pending.put(None)
+        if self._embed_pool is not None:
+            self._embed_pool.shutdown(wait=False)
 
     # -- generation: request side -------------------------------------------------------------------------
     def check(self, params: SamplingParams) -> None:
@@ -421,6 +453,14 @@ class HFEngine(TemplatedEngine):
         try:
             while True:
                 item = await seq.out.get()
+                # chunks that queued up while the consumer was busy leave as one (never waiting for more)
+                while isinstance(item, Chunk) and item.finish_reason is None and not seq.out.empty():
+                    following = seq.out.get_nowait()
+                    if isinstance(following, BaseException):
+                        yield item
+                        item = following
+                        break
+                    item = Chunk(item.text + following.text, item.tokens + following.tokens, following.finish_reason)
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -706,7 +746,10 @@ class HFEngine(TemplatedEngine):
 
     # -- embeddings ----------------------------------------------------------------------------------------
     async def embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:
-        return await asyncio.to_thread(self._embed, texts, truncate)
+        # always the same thread (one OpenMP pool, see `start`), not whichever executor thread is free
+        if self._embed_pool is None:
+            self._embed_pool = ThreadPoolExecutor(1, thread_name_prefix="hf-embed")
+        return await asyncio.get_running_loop().run_in_executor(self._embed_pool, self._embed, texts, truncate)
 
     def _embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:
         import torch
