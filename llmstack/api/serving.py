@@ -233,8 +233,9 @@ async def _ndjson_batches(response: httpx.Response) -> AsyncIterator[list[bytes]
 
 def _merge_text_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Consecutive text events of one choice that arrived together become one (text joined, tokens
-    summed, the last one's finish reason): when the reader is behind, it sends one chunk for them, not
-    one each.  Nothing waits for more: only what one read brought is merged."""
+    summed, logprobs concatenated, the last one's finish reason): when the reader is behind, it sends one
+    chunk for them, not one each.  Nothing waits for more: only what one read brought is merged.  Events
+    with tool-call deltas stay as they are."""
     if len(events) < 2:
         return events
     merged: list[dict[str, Any]] = []
@@ -246,9 +247,14 @@ def _merge_text_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and "text" in last
             and last["index"] == event["index"]
             and not last.get("finish_reason")
+            and "tool_calls" not in last
+            and "tool_calls" not in event
+            and ("logprobs" in last) == ("logprobs" in event)
         ):
             last["text"] += event["text"]
             last["tokens"] += event["tokens"]
+            if "logprobs" in event:
+                last["logprobs"] = last["logprobs"] + event["logprobs"]
             if event.get("finish_reason"):
                 last["finish_reason"] = event["finish_reason"]
         else:

@@ -24,6 +24,17 @@ class Chunk:
     logprobs: list[dict[str, Any]] | None = None
     prompt_logprobs: list[dict[str, Any]] | None = None
 
+    def then(self, later: Chunk) -> Chunk:
+        """This chunk and the next one of the same sequence as one."""
+        logprobs = self.logprobs if later.logprobs is None else (self.logprobs or []) + later.logprobs
+        return Chunk(
+            self.text + later.text,
+            self.tokens + later.tokens,
+            later.finish_reason,
+            logprobs,
+            self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+        )
+
 
 @dataclass
 class EngineStats:

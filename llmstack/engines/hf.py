@@ -460,7 +460,7 @@ class HFEngine(TemplatedEngine):
                         yield item
                         item = following
                         break
-                    item = Chunk(item.text + following.text, item.tokens + following.tokens, following.finish_reason)
+                    item = item.then(following)
                 if isinstance(item, BaseException):
                     raise item
                 yield item
