@@ -120,3 +120,25 @@ def test_templates_without_tools_get_them_as_text() -> None:
     }
     assert out[3]["role"] == "user" and out[3]["content"].count("<tool_response>") == 2  # parallel results: one turn
     assert len(out) == 4
+
+
+def test_merging_queued_output_keeps_logprobs_and_tool_calls() -> None:
+    from llmstack.api.serving import _merge_text_events
+    from llmstack.engines.base import Chunk
+
+    lp = [{"token": "a", "logprob": -1.0, "bytes": [97], "top_logprobs": []}]
+    joined = Chunk("a", 1, None, lp, [{"token": "p"}]).then(Chunk("b", 1, "stop", lp))
+    assert (joined.text, joined.tokens, joined.finish_reason) == ("ab", 2, "stop")
+    assert joined.logprobs == lp + lp and joined.prompt_logprobs == [{"token": "p"}]
+    events = [
+        {"index": 0, "text": "a", "tokens": 1, "logprobs": lp},
+        {"index": 0, "text": "b", "tokens": 1, "logprobs": lp},
+        {"index": 0, "text": "", "tokens": 1, "tool_calls": [{"index": 0, "function": {"arguments": "{"}}]},
+        {"index": 0, "text": "", "tokens": 1, "tool_calls": [{"index": 0, "function": {"arguments": "}"}}]},
+        {"index": 1, "text": "c", "tokens": 1, "finish_reason": "stop"},
+        {"usage": {"prompt_tokens": 1, "completion_tokens": 5}},
+    ]
+    merged = _merge_text_events([dict(e) for e in events])
+    assert merged[0] == {"index": 0, "text": "ab", "tokens": 2, "logprobs": lp + lp}
+    assert merged[1:3] == events[2:4]  # tool-call deltas stay one event each
+    assert merged[3:] == events[4:]
