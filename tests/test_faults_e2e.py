@@ -71,7 +71,8 @@ def test_worker_killed_under_load(up_stack: UpStack) -> None:
     before, after = report["before_kill"], report["after_kill"]
     assert report["streaming_at_kill"] > 0, "the kill must land mid-stream"
     # nothing hangs or breaks off silently: each stream completes or ends with an error event
-    assert before["hung"] == before["broken"] == 0, report
+    odd = [o for o in report["_outcomes"]["before"] if o["status"] in ("hung", "broken")]
+    assert before["hung"] == before["broken"] == 0, odd
     assert before["completed"] + before["errored"] == before["sent"] == 32
     for o in report["_outcomes"]["before"]:
         if o["status"] != "completed":

@@ -196,6 +196,14 @@ def test_unicode_line_separators_survive_the_stream(target: Target) -> None:
     prompt = "a\u2028b\u2029c\x85d\re"  # JSON leaves these unescaped; they must not split stream lines
     r = target.client.completions.create(model=target.model, prompt=prompt, max_tokens=2, echo=True, temperature=0)
     assert r.choices[0].text.startswith(prompt)
+    # in SSE they are escaped, so that even readers splitting like str.splitlines (httpx's iter_lines) see
+    # one line per event
+    body = {"model": target.model, "prompt": prompt, "max_tokens": 2, "echo": True, "stream": True}
+    with httpx.stream("POST", f"{target.base_url}/completions", json=body) as resp:
+        data = [line[6:] for line in resp.iter_lines() if line]
+    assert data[-1] == "[DONE]"
+    text = "".join(c["text"] for c in map(json.loads, data[:-1]) for c in c["choices"])
+    assert text.startswith(prompt)
 
 
 ENGINE_NEUTRAL = [

@@ -29,8 +29,17 @@ log = logging.getLogger("llmstack.api")
 _RETRYABLE_STATUS = {429, 502, 503}
 
 
+# Characters JSON leaves unescaped that str.splitlines() (and so httpx's iter_lines and many hand-written
+# SSE readers) treat as line breaks.  In UTF-8 these byte sequences only ever encode those characters.
+_LINE_BREAKERS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
 def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"  # compact UTF-8, as json.dumps(ensure_ascii=False)
+    data = orjson.dumps(obj)  # compact UTF-8, as json.dumps(ensure_ascii=False)
+    if b"\xc2\x85" in data or b"\xe2\x80" in data:  # escaped: an SSE line must stay one line for any reader
+        for raw, escaped in _LINE_BREAKERS:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
 
 
 _DONE = b"data: [DONE]\n\n"
