@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from transformers import AutoTokenizer
 
 from tests.conftest import ALIAS
 from tests.support.api_depth import Target, new_target
@@ -23,13 +22,13 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 
 
 @pytest.fixture(scope="module")
-def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.base_url, api_key="none", _strict_response_validation=True, max_retries=0)
+def client(target: Target) -> openai.OpenAI:
+    return target.client
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path):  # noqa: ANN201
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
+def tokenizer(target: Target):  # noqa: ANN201
+    return target.ref.tokenizer
 
 
 def test_models_lists_every_name_and_alias(stack: Stack, client: openai.OpenAI, openapi_validate) -> None:

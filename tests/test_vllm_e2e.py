@@ -15,16 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 import vllm  # noqa: F401 - a missing vLLM must fail this module, not skip it
-from transformers import AutoTokenizer
 
 from llmstack.engines import EngineOptionError, EngineOptions, create_engine, vllm_engine_args
 from llmstack.engines.vllm import REMOVED_ARGS, parse_extra_flags, resolve_engine_args
 from tests import test_api_depth as api_depth_tests
 from tests import test_serving_e2e as serving_tests
-from tests.support.api_depth import Target, new_target
+from tests.support.api_depth import Target
 from tests.support.procs import DEFAULT_ENV, REPO_ROOT
 from tests.support.stack import Stack, new_stack
 from tests.support.tiny_model import build_tiny_llama
@@ -164,23 +162,6 @@ def vstack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
         s.group.stop_all()
 
 
-@pytest.fixture(scope="module")
-def client(vstack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=vstack.base_url, api_key="none", _strict_response_validation=True, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir: Path):  # noqa: ANN201
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-def _chat_prompt_len(tokenizer, messages: list[dict[str, str]]) -> int:  # noqa: ANN001
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return len(ids)
-
-
 @pytest.mark.slow
 def test_worker_reports_vllm_engine_and_notes(vstack: Stack) -> None:
     svc, url = vstack.workers["worker-vllm"]
@@ -236,7 +217,8 @@ def test_client_disconnect_aborts_generation(vstack: Stack) -> None:
 
 
 @pytest.mark.slow
-def test_heartbeat_carries_queue_and_speed(vstack: Stack, client: openai.OpenAI) -> None:
+def test_heartbeat_carries_queue_and_speed(vstack: Stack, target: Target) -> None:
+    client = target.client
     client.completions.create(model=VLLM, prompt="The cat", max_tokens=200, extra_body={"ignore_eos": True})
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -251,7 +233,8 @@ def test_heartbeat_carries_queue_and_speed(vstack: Stack, client: openai.OpenAI)
 
 
 @pytest.mark.slow
-def test_one_api_server_serves_one_model_from_both_engines(vstack: Stack, client: openai.OpenAI, tokenizer) -> None:  # noqa: ANN001
+def test_one_api_server_serves_one_model_from_both_engines(vstack: Stack, target: Target) -> None:
+    client = target.client
     # earlier tests abort streams on purpose: wait until both workers are idle and routable again
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -264,7 +247,7 @@ def test_one_api_server_serves_one_model_from_both_engines(vstack: Stack, client
         raise AssertionError(f"workers not idle and routable: usable={usable} busy={busy}")
     time.sleep(1.0)  # one heartbeat and routing sync with the idle figures
     served = {name: vstack.worker_health(name)["served"] for name in ("worker-vllm", "worker-hf")}
-    prompt_len = _chat_prompt_len(tokenizer, MESSAGES)
+    prompt_len = len(target.ref.chat_ids(MESSAGES))
     for _ in range(24):
         r = client.chat.completions.create(
             model=SHARED, messages=MESSAGES, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
@@ -285,11 +268,6 @@ def test_one_api_server_serves_one_model_from_both_engines(vstack: Stack, client
 
 
 # -- the transformers engine's engine-neutral tests, against the vLLM worker ---------------------------------
-@pytest.fixture(scope="module")
-def target(vstack: Stack, model_dir: Path) -> Target:
-    return new_target(vstack.base_url, VLLM, model_dir, CONTEXT)
-
-
 def _on_vllm(test):  # noqa: ANN001, ANN202
     """The same test collected here (where `target` is the vLLM worker), marked slow, the original untouched."""
 
