@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -194,17 +194,9 @@ class WorkerService:
                 if echo_text is not None and not echo_waiting:
                     for i in range(params.n):
                         yield _line({"index": i, "text": echo_text, "tokens": 0})
-                if params.n == 1:
-                    async for chunk in self.engine.generate(prompt_ids, params):
-                        if echo_waiting:
-                            echo_waiting.clear()
-                            yield _line(_echo_event(0, echo_text or "", chunk))
-                        tracker.first_token()
-                        completion_tokens += chunk.tokens
-                        self.generated_tokens += chunk.tokens
-                        yield _line(_event(0, chunk, readers[0]))
-                else:
-                    async for index, chunk in self._fan_out(prompt_ids, params):
+                source = self._single(prompt_ids, params) if params.n == 1 else self._fan_out(prompt_ids, params)
+                async with aclosing(source) as chunks:  # closed at once when the client leaves: aborts
+                    async for index, chunk in chunks:
                         if index in echo_waiting:
                             echo_waiting.discard(index)
                             yield _line(_echo_event(index, echo_text or "", chunk))
@@ -221,6 +213,11 @@ class WorkerService:
             log.exception("generation failed")
             tracker.failed(500)
             yield _line(LLMStackError(f"generation failed: {type(exc).__name__}: {exc}").to_body())
+
+    async def _single(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[tuple[int, Any]]:
+        async with aclosing(self.engine.generate(prompt_ids, params)) as chunks:
+            async for chunk in chunks:
+                yield 0, chunk
 
     async def _fan_out(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[tuple[int, Any]]:
         """`n` choices as independent sequences (seed + i keeps them distinct yet reproducible)."""

@@ -38,7 +38,9 @@ class GrammarConstraint:
         bitmask = self._bitmask if row.device.type == "cpu" else self._bitmask.to(row.device)
         self._xgr.apply_token_bitmask_inplace(row, bitmask, vocab_size=self._vocab_size)
         if self._banned.numel():
-            logits[self._banned.to(logits.device)] = float("-inf")
+            if self._banned.device != logits.device:
+                self._banned = self._banned.to(logits.device)  # once per sequence, not per token
+            logits[self._banned] = float("-inf")
 
     def accept(self, token: int) -> bool:
         return bool(self._matcher.accept_token(token))

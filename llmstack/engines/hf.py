@@ -411,14 +411,7 @@ class HFEngine(TemplatedEngine):
                 kv = BatchKV(self._num_layers)
                 kv.merge([self._prefill(short)[0], solo_cache])
                 ids = torch.tensor([[6], [6]], device=self.device)
-                pos = torch.tensor([[len(short)], [len(long)]], device=self.device)
-                out = self.model(
-                    input_ids=ids,
-                    attention_mask=kv.step_mask(),
-                    position_ids=pos,
-                    past_key_values=kv.cache,
-                    use_cache=True,
-                )
+                out = self._decode_forward(kv, ids, torch.tensor([[len(short)], [len(long)]], device=self.device))
                 alone_cache, _ = self._prefill(long)
                 alone = self.model(input_ids=ids[:1], past_key_values=alone_cache, use_cache=True).logits[0, -1]
         except Exception as exc:
@@ -680,18 +673,22 @@ class HFEngine(TemplatedEngine):
         rows = self._rows
         ids = torch.tensor([[seq.generated[-1]] for seq in rows], device=self.device)
         positions = torch.tensor([[seq.position] for seq in rows], device=self.device)
-        out = self.model(
+        out = self._decode_forward(kv, ids, positions)
+        kv.advance()
+        sampled = sample_rows([seq.sampler for seq in rows], out.logits[:, -1])  # type: ignore[misc]
+        keep = [i for i, (seq, s) in enumerate(zip(rows, sampled, strict=True)) if not self._accept(seq, s)]
+        self._keep_rows(keep)
+        return len(rows)
+
+    def _decode_forward(self, kv: BatchKV, ids: Any, positions: Any) -> Any:
+        """One token per row through the batch's cache (each row at its own position)."""
+        return self.model(
             input_ids=ids,
             attention_mask=kv.step_mask(),
             position_ids=positions,
             past_key_values=kv.cache,
             use_cache=True,
         )
-        kv.advance()
-        sampled = sample_rows([seq.sampler for seq in rows], out.logits[:, -1])  # type: ignore[misc]
-        keep = [i for i, (seq, s) in enumerate(zip(rows, sampled, strict=True)) if not self._accept(seq, s)]
-        self._keep_rows(keep)
-        return len(rows)
 
     def _keep_rows(self, keep: list[int]) -> None:
         if len(keep) == len(self._rows):

@@ -136,14 +136,15 @@ class SequenceSampler:
 def sample_rows(samplers: Sequence[SequenceSampler], logits: torch.Tensor) -> list[Sampled]:
     """One token per row of a (rows, vocab) logits batch, each with its row's own sampler."""
     out: list[Sampled | None] = [None] * len(samplers)
-    plain = [i for i, s in enumerate(samplers) if s.plain_greedy]
+    is_plain = [s.plain_greedy for s in samplers]
+    plain = [i for i, p in enumerate(is_plain) if p]
     if plain:
         # argmax is exact in any dtype: no float copy needed
         picked = (logits if len(plain) == len(samplers) else logits[plain]).argmax(dim=-1).tolist()
         for i, token in zip(plain, picked, strict=True):
             samplers[i].record(int(token))
             out[i] = Sampled(int(token))
-    rest = [i for i, s in enumerate(samplers) if not s.plain_greedy]
+    rest = [i for i, p in enumerate(is_plain) if not p]
     if rest:
         x = logits[rest].float() if len(rest) < len(samplers) else logits.float().clone()
         rows = [samplers[i] for i in rest]

@@ -403,20 +403,17 @@ class VLLMEngine(TemplatedEngine):
         sampling = self.sampling_params(params)
         stream = self.llm.generate(self._prompt(prompt_ids), sampling, uuid.uuid4().hex)
         self._inflight += 1
-        prompt_entries = None
-        if params.prompt_logprobs is not None:
-            prompt_entries = []  # filled from the first output
+        score_prompt = params.prompt_logprobs is not None  # vLLM scores it in the first output
         try:
             async for out in stream:
                 completion = out.outputs[0]
                 tokens = len(completion.token_ids)
                 self._generated += tokens
                 logprobs = self._entries(completion, params.logprobs) if params.logprobs is not None else None
-                if prompt_entries is not None and not prompt_entries:
-                    prompt_entries = self._prompt_entries(prompt_ids, out.prompt_logprobs, params.prompt_logprobs or 0)
-                    first_prompt = prompt_entries
-                else:
-                    first_prompt = None
+                first_prompt = None
+                if score_prompt:
+                    first_prompt = self._prompt_entries(prompt_ids, out.prompt_logprobs, params.prompt_logprobs or 0)
+                    score_prompt = False
                 if not out.finished:
                     if tokens or completion.text or first_prompt:
                         yield Chunk(completion.text, tokens, None, logprobs, first_prompt)
