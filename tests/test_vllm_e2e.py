@@ -22,7 +22,7 @@ from llmstack.engines import EngineOptionError, EngineOptions, create_engine, vl
 from llmstack.engines.vllm import REMOVED_ARGS, parse_extra_flags, resolve_engine_args
 from tests import test_api_depth as api_depth_tests
 from tests import test_serving_e2e as serving_tests
-from tests.support.api_depth import Target
+from tests.support.api_depth import Target, new_target
 from tests.support.procs import DEFAULT_ENV, REPO_ROOT
 from tests.support.stack import Stack, new_stack
 from tests.support.tiny_model import build_tiny_llama
@@ -160,6 +160,11 @@ def vstack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
         raise
     finally:
         s.group.stop_all()
+
+
+@pytest.fixture(scope="module")
+def target(vstack: Stack, model_dir: Path) -> Target:
+    return new_target(vstack.base_url, VLLM, model_dir, CONTEXT)
 
 
 @pytest.mark.slow
