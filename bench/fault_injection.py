@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +32,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmstack.runstate import RunDir, RunState, ServiceRecord, ServiceState  # noqa: E402
-from tests.support.procs import DEFAULT_ENV, REPO_ROOT, free_port  # noqa: E402
+from tests.support.procs import free_port  # noqa: E402
+from tests.support.procs import run_llmstack as llmstack  # noqa: E402
 from tests.support.tiny_model import build_tiny_llama  # noqa: E402
 
 MODEL = "tiny"
@@ -121,16 +121,6 @@ def counts(outcomes: list[Outcome]) -> dict[str, int]:
 
 
 # -- a stack under `llmstack up` ------------------------------------------------------------------------------
-def llmstack(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **DEFAULT_ENV, "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "llmstack", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO_ROOT,
-        timeout=timeout,
-    )
 
 
 @dataclass

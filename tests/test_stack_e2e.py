@@ -23,22 +23,11 @@ from llmstack.download import modelscope_cache_path
 from llmstack.runstate import RunDir, RunState, ServiceState, kill_all, marked_processes
 from llmstack.service import check_port_free
 from tests.support.procs import DEFAULT_ENV, REPO_ROOT, free_port
+from tests.support.procs import run_llmstack as llmstack
 
 MODEL_ID = "test-org/tiny-chat"
 API_KEY = "sk-e2e-key-1"
 MESSAGES = [{"role": "user", "content": "Hello there"}]
-
-
-def llmstack(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **DEFAULT_ENV, "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "llmstack", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO_ROOT,
-        timeout=timeout,
-    )
 
 
 class StackFiles:

@@ -35,6 +35,20 @@ DEFAULT_ENV: dict[str, str] = {
     "no_proxy": "127.0.0.1,localhost,::1",
 }
 
+
+def run_llmstack(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m llmstack ARGS` to completion, output captured (wide, so rich tables do not wrap)."""
+    env = {**os.environ, **DEFAULT_ENV, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "llmstack", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=timeout,
+    )
+
+
 _LIVE: set[Service] = set()  # strong refs: a dropped Service must still be killed at exit
 
 
