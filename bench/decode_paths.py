@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from bench.model import FULL, QUICK, build_model  # noqa: E402
-from llmstack.engines.kvbatch import BatchKV, new_cache  # noqa: E402
+from llmstack.services.engines.hf.kvbatch import BatchKV, new_cache  # noqa: E402
 
 
 def sequential(model: torch.nn.Module, prompts: list[list[int]], tokens: int) -> list[list[int]]:

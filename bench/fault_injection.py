@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llmstack.runstate import RunDir, RunState, ServiceRecord, ServiceState  # noqa: E402
+from llmstack.stack.rundir import RunDir, RunState, ServiceRecord, ServiceState  # noqa: E402
 from tests.support.procs import free_port  # noqa: E402
 from tests.support.procs import run_llmstack as llmstack  # noqa: E402
 from tests.support.tiny_model import build_tiny_llama  # noqa: E402

@@ -27,9 +27,9 @@ if str(REPO) not in sys.path:
 
 
 def serve_worker(port: int, controller: str, step: float) -> None:
-    from llmstack.engines.base import Chunk, Engine, EngineStats
-    from llmstack.service import serve, setup_logging
-    from llmstack.worker import WorkerSettings, build_worker_app
+    from llmstack.common.http import serve, setup_logging
+    from llmstack.services.engines.base import Chunk, Engine, EngineStats
+    from llmstack.services.worker.app import WorkerSettings, build_worker_app
 
     class SyntheticEngine(Engine):
         kind = "chat"

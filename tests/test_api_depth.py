@@ -116,7 +116,9 @@ def test_logit_bias_forces_and_forbids_tokens(target: Target) -> None:
     assert forced.choices[0].message.content == target.ref.tokenizer.decode([token] * 4)
     plain = chat(target.client, target.model, temperature=0, max_tokens=1, logprobs=True)
     first = target.ref.token_id(plain.choices[0].logprobs.content[0].model_dump())
-    banned = chat(target.client, target.model, temperature=0, max_tokens=1, logprobs=True, logit_bias={str(first): -100})
+    banned = chat(
+        target.client, target.model, temperature=0, max_tokens=1, logprobs=True, logit_bias={str(first): -100}
+    )
     assert target.ref.token_id(banned.choices[0].logprobs.content[0].model_dump()) != first
     with pytest.raises(openai.BadRequestError) as err:
         chat(target.client, target.model, max_tokens=1, logit_bias={"99999999": 5})
@@ -140,7 +142,9 @@ def test_json_schema_output_validates(target: Target, name: str) -> None:
 def test_json_schema_streamed(target: Target, name: str) -> None:
     text = "".join(
         c.choices[0].delta.content or ""
-        for c in chat(target.client, target.model, response_format=json_schema_format(name), max_tokens=400, stream=True)
+        for c in chat(
+            target.client, target.model, response_format=json_schema_format(name), max_tokens=400, stream=True
+        )
         if c.choices
     )
     jsonschema.validate(json.loads(text), SCHEMAS[name])

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from llmstack.engines.hf import HFEngine, HFEngineConfig
-from llmstack.wire import SamplingParams
+from llmstack.common.wire import SamplingParams
+from llmstack.services.engines.hf.engine import HFEngine
+from llmstack.services.engines.hf.loading import HFEngineConfig
 from tests.support.tiny_model import build_tiny_llama
 
 PROMPTS = [

@@ -17,8 +17,8 @@ import pexpect
 import pytest
 from rich.console import Console
 
-from llmstack.chat import ChatREPL, ChatSession, read_message, rows_used
-from llmstack.client import ChatClient
+from llmstack.faces.chat import ChatREPL, ChatSession, read_message, rows_used
+from llmstack.faces.client import ChatClient
 from tests.support.procs import DEFAULT_ENV, REPO_ROOT, free_port
 from tests.support.stack import Stack
 from tests.support.ui import start_tiny_stack

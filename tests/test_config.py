@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llmstack.config import load_config
+from llmstack.stack.config import load_config
 from tests.support.procs import DEFAULT_ENV, REPO_ROOT, free_port
 
 GOOD_MODEL = '[[models]]\nmodel = "test-org/tiny-chat"\ndevice = "cpu"\n'

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from llmstack.controller import ControllerSettings, Registry
-from llmstack.dispatch import Candidate, choose
-from llmstack.errors import Conflict, NotFound, ServiceUnavailable
-from llmstack.wire import Heartbeat, WorkerRegistration, WorkerStatus
+from llmstack.common.errors import Conflict, NotFound, ServiceUnavailable
+from llmstack.common.wire import Heartbeat, WorkerRegistration, WorkerStatus
+from llmstack.services.controller import ControllerSettings, Registry
+from llmstack.services.dispatch import Candidate, choose
 from tests.support.procs import Service, free_port
 
 

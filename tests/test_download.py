@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from llmstack.download import (
+from llmstack.stack.models import (
     DownloadError,
     DownloadFailure,
     hub_endpoints,
@@ -425,7 +425,7 @@ def test_progress_callbacks_survive_threads(capsys: pytest.CaptureFixture[str]) 
     """The rich display is fed from modelscope-hub's worker threads, and tqdm redraws stay off the screen."""
     import sys
 
-    from llmstack.download import _modelscope_progress
+    from llmstack.stack.models import _modelscope_progress
 
     original = sys.stderr
     with _modelscope_progress("acme/tiny", enabled=True) as callbacks:

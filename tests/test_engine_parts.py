@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoTokenizer
 
-from llmstack.engines.hf import EngineConfigError, HFEngineConfig, context_length_of, plan_loading
-from llmstack.engines.templates import ChatRenderer, get_template
-from llmstack.engines.textstream import IncrementalDetokenizer, StopStrings
+from llmstack.services.engines.hf.loading import EngineConfigError, HFEngineConfig, context_length_of, plan_loading
+from llmstack.services.engines.text.decoding import IncrementalDetokenizer, StopStrings
+from llmstack.services.engines.text.templates import ChatRenderer, get_template
 
 
 def feed_all(stops: StopStrings, deltas: list[str]) -> tuple[str, bool]:

@@ -208,8 +208,23 @@ TOTAL: dict[str, int] = {}
 @pytest.mark.parametrize(
     ("path", "valid", "extra", "examples"),
     [
-        ("/v1/chat/completions", chat_valid, ["messages", "stop", "n", "stream_options", "response_format", "logprobs", "top_logprobs", "logit_bias",
-          "tools", "tool_choice"], 400),
+        (
+            "/v1/chat/completions",
+            chat_valid,
+            [
+                "messages",
+                "stop",
+                "n",
+                "stream_options",
+                "response_format",
+                "logprobs",
+                "top_logprobs",
+                "logit_bias",
+                "tools",
+                "tool_choice",
+            ],
+            400,
+        ),
         ("/v1/completions", completion_valid, ["prompt", "echo", "best_of", "logprobs", "suffix"], 300),
         ("/v1/embeddings", embedding_valid, ["input", "dimensions", "encoding_format"], 150),
     ],

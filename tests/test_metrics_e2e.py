@@ -52,7 +52,9 @@ def _traffic(stack: Stack) -> dict[str, int]:
     client = openai.OpenAI(base_url=stack.base_url, api_key="none", max_retries=0)
     prompt_tokens = 0
     for _ in range(3):
-        r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, extra_body={"ignore_eos": True})
+        r = client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=4, extra_body={"ignore_eos": True}
+        )
         prompt_tokens += r.usage.prompt_tokens
     for _ in range(2):
         stream = client.chat.completions.create(

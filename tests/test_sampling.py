@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from llmstack.engines.sampling import SequenceSampler
-from llmstack.wire import SamplingParams
+from llmstack.common.wire import SamplingParams
+from llmstack.services.engines.hf.sampling import SequenceSampler
 
 CPU = torch.device("cpu")
 
@@ -68,7 +68,7 @@ def test_draws_follow_the_distribution_and_never_pick_impossible_tokens() -> Non
 
 
 def test_a_seeded_row_does_not_depend_on_its_neighbours() -> None:
-    from llmstack.engines.sampling import sample_rows
+    from llmstack.services.engines.hf.sampling import sample_rows
 
     row = torch.randn(50, generator=torch.Generator().manual_seed(1))
 

@@ -14,11 +14,11 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from llmstack.api.routing import RoutingTable
-from llmstack.controller import ControllerSettings, build_controller_app
-from llmstack.errors import Overloaded, ServiceUnavailable
-from llmstack.wire import WorkerEntry, WorkerRegistration, WorkerStatus, WorkerTable
-from llmstack.worker import Admission
+from llmstack.common.errors import Overloaded, ServiceUnavailable
+from llmstack.common.wire import WorkerEntry, WorkerRegistration, WorkerStatus, WorkerTable
+from llmstack.services.api.routing import RoutingTable
+from llmstack.services.controller import ControllerSettings, build_controller_app
+from llmstack.services.worker.app import Admission
 from tests.support.procs import Service, free_port
 
 TOKEN = "cluster-s3cret"

@@ -19,9 +19,9 @@ import openai
 import psutil
 import pytest
 
-from llmstack.download import modelscope_cache_path
-from llmstack.runstate import RunDir, RunState, ServiceState, kill_all, marked_processes
-from llmstack.service import check_port_free
+from llmstack.common.http import check_port_free
+from llmstack.stack.models import modelscope_cache_path
+from llmstack.stack.rundir import RunDir, RunState, ServiceState, kill_all, marked_processes
 from tests.support.procs import DEFAULT_ENV, REPO_ROOT, free_port
 from tests.support.procs import run_llmstack as llmstack
 

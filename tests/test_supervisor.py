@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from llmstack.runstate import Phase, RunDir, ServiceState
-from llmstack.supervisor import LogFollower, Plan, Policy, ServiceSpec, Supervisor, merge_logs
+from llmstack.stack.logs import LogFollower, merge_logs
+from llmstack.stack.plan import Plan, Policy, ServiceSpec
+from llmstack.stack.rundir import Phase, RunDir, ServiceState
+from llmstack.stack.supervisor import Supervisor
 
 
 class FakeClock:

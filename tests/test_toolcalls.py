@@ -7,9 +7,15 @@ import json
 import jsonschema
 import pytest
 
-from llmstack.engines.templates import tools_as_text
-from llmstack.toolcalls import HermesReader, NamedCallReader, RequiredCallsReader, forced_structure, reader_for
-from llmstack.wire import ToolSpec
+from llmstack.common.wire import ToolSpec
+from llmstack.services.engines.text.templates import tools_as_text
+from llmstack.services.worker.toolcalls import (
+    HermesReader,
+    NamedCallReader,
+    RequiredCallsReader,
+    forced_structure,
+    reader_for,
+)
 from tests.support.api_depth import ADD, TOOLS, WEATHER
 
 
@@ -123,8 +129,8 @@ def test_templates_without_tools_get_them_as_text() -> None:
 
 
 def test_merging_queued_output_keeps_logprobs_and_tool_calls() -> None:
-    from llmstack.api.serving import _merge_text_events
-    from llmstack.engines.base import Chunk
+    from llmstack.services.api.upstream import _merge_text_events
+    from llmstack.services.engines.base import Chunk
 
     lp = [{"token": "a", "logprob": -1.0, "bytes": [97], "top_logprobs": []}]
     joined = Chunk("a", 1, None, lp, [{"token": "p"}]).then(Chunk("b", 1, "stop", lp))

@@ -19,8 +19,8 @@ import httpx
 import psutil
 import pytest
 
-from llmstack.config import parse_config
-from llmstack.tunnel import Forward, TunnelError, TunnelSpec, plan_tunnel
+from llmstack.faces.tunnel import Forward, TunnelError, TunnelSpec, plan_tunnel
+from llmstack.stack.config import parse_config
 from tests.support.procs import DEFAULT_ENV, REPO_ROOT, Service, ServiceGroup, free_port
 from tests.support.stack import Stack
 from tests.support.ui import start_tiny_stack, start_webui

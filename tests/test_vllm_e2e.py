@@ -18,8 +18,8 @@ import httpx
 import pytest
 import vllm  # noqa: F401 - a missing vLLM must fail this module, not skip it
 
-from llmstack.engines import EngineOptionError, EngineOptions, create_engine, vllm_engine_args
-from llmstack.engines.vllm import REMOVED_ARGS, parse_extra_flags, resolve_engine_args
+from llmstack.services.engines import EngineOptionError, EngineOptions, create_engine, vllm_engine_args
+from llmstack.services.engines.vllm.args import REMOVED_ARGS, parse_extra_flags, resolve_engine_args
 from tests import test_api_depth as api_depth_tests
 from tests import test_serving_e2e as serving_tests
 from tests.support.api_depth import Target, new_target
@@ -84,7 +84,7 @@ def test_removed_and_unknown_engine_args() -> None:
 
 
 def test_missing_vllm_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    import llmstack.engines.vllm as vllm_engine
+    import llmstack.services.engines.vllm.engine as vllm_engine
 
     monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: False)
     with pytest.raises(EngineOptionError) as err:

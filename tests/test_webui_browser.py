@@ -16,7 +16,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from llmstack.webui import build_messages, parse_logins
+from llmstack.faces.webui import build_messages, parse_logins
 from tests.support.procs import Service, ServiceGroup, free_port
 from tests.support.stack import Stack, new_stack
 from tests.support.ui import artifact_path, start_tiny_stack, start_webui

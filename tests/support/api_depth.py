@@ -12,7 +12,7 @@ import openai
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmstack.engines.textstream import _BYTE_DECODER
+from llmstack.services.engines.text.decoding import _BYTE_DECODER
 
 # Five schemas covering nested objects, arrays, enums, required fields and numbers.
 SCHEMAS: dict[str, dict[str, Any]] = {

@@ -1,1 +1,0 @@
-"""The OpenAI-compatible API server: protocol models, routing table, serving logic, app."""

@@ -1,0 +1,3 @@
+"""The OpenAI-compatible API server: the app (`app`), request models (`protocol`), the routing table synced
+from the controller (`routing`), the hop to a worker (`upstream`), and one serving module per endpoint
+(`chat`, `completions`, `embeddings`) over shared streaming pieces (`streaming`)."""

@@ -1,0 +1,135 @@
+"""Pieces every endpoint's serving code shares: SSE encoding, the first event pulled before the
+response starts (so early failures are HTTP errors), collecting a whole choice, usage blocks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from llmstack.common.errors import LLMStackError
+from llmstack.common.http import request_id_var
+from llmstack.common.metrics import RequestTracker
+
+# Characters JSON leaves unescaped that str.splitlines() (and so httpx's iter_lines and many hand-written
+# SSE readers) treat as line breaks.  In UTF-8 these byte sequences only ever encode those characters.
+_LINE_BREAKERS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    data = orjson.dumps(obj)  # compact UTF-8, as json.dumps(ensure_ascii=False)
+    if b"\xc2\x85" in data or b"\xe2\x80" in data:  # escaped: an SSE line must stay one line for any reader
+        for raw, escaped in _LINE_BREAKERS:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+async def first_event(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
+    """Pull the first event so failures before any output surface as a proper HTTP error."""
+    try:
+        event = await anext(events)
+    except StopAsyncIteration:
+        return None
+    if "error" in event:
+        await events.aclose()
+        raise LLMStackError.from_body(event)
+    return event
+
+
+async def chain(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    try:
+        if first is not None:
+            yield first
+        async for event in rest:
+            yield event
+    except LLMStackError as exc:  # the worker died mid-stream: end with a proper error event
+        yield exc.to_body(request_id_var.get())
+    finally:
+        await rest.aclose()
+
+
+class Choice:
+    """One choice put together from its stream events."""
+
+    __slots__ = ("parts", "finish", "calls", "logprobs")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.finish = "stop"
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.logprobs: list[dict[str, Any]] | None = None
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.parts.append(event["text"])
+        if event.get("finish_reason"):
+            self.finish = event["finish_reason"]
+        if "logprobs" in event:
+            self.logprobs = (self.logprobs or []) + event["logprobs"]
+        for delta in event.get("tool_calls", ()):
+            call = self.calls.get(delta["index"])
+            if call is None:
+                self.calls[delta["index"]] = {
+                    "id": delta.get("id", ""),
+                    "type": "function",
+                    "function": {"name": delta["function"].get("name", ""), "arguments": ""},
+                }
+                call = self.calls[delta["index"]]
+            call["function"]["arguments"] += delta["function"].get("arguments", "")
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def message(self) -> dict[str, Any]:
+        text = self.text
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": text or (None if self.calls else ""),
+            "refusal": None,
+        }
+        if self.calls:
+            message["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
+        return message
+
+
+async def collect(
+    events: AsyncIterator[dict[str, Any]], n: int, tracker: RequestTracker
+) -> tuple[list[Choice], dict[str, int]]:
+    choices = [Choice() for _ in range(n)]
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    async for event in events:
+        if "usage" in event:
+            usage = event["usage"]
+            tracker.usage(usage["prompt_tokens"], usage["completion_tokens"])
+        elif "error" in event:
+            raise LLMStackError.from_body(event)
+        else:
+            if event["text"] or "tool_calls" in event:
+                tracker.first_token()
+            choices[event["index"]].add(event)
+    return choices, usage
+
+
+def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """Chat-shaped logprob entries in the legacy completions shape."""
+    tokens, values, tops, offsets = [], [], [], []
+    for entry in entries:
+        tokens.append(entry["token"])
+        values.append(entry["logprob"])
+        alternatives = entry.get("top_logprobs") or []
+        tops.append({a["token"]: a["logprob"] for a in alternatives} if entry["logprob"] is not None else None)
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def usage_block(usage: dict[str, int]) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage["prompt_tokens"],
+        "completion_tokens": usage["completion_tokens"],
+        "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+    }

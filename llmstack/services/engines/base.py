@@ -1,0 +1,110 @@
+"""The engine interface the worker's HTTP layer talks to; it never knows which backend runs."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from llmstack.common.errors import InvalidRequest
+from llmstack.common.wire import SamplingParams, WorkerKind
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Text produced since the previous chunk of one sequence; `finish_reason` ends the sequence.
+
+    `logprobs` has one OpenAI-shaped entry per token of the chunk when the request asked for them;
+    `prompt_logprobs` (first chunk only) the prompt's, when asked for."""
+
+    text: str
+    tokens: int
+    finish_reason: str | None = None
+    logprobs: list[dict[str, Any]] | None = None
+    prompt_logprobs: list[dict[str, Any]] | None = None
+
+    def then(self, later: Chunk) -> Chunk:
+        """This chunk and the next one of the same sequence as one."""
+        logprobs = self.logprobs if later.logprobs is None else (self.logprobs or []) + later.logprobs
+        return Chunk(
+            self.text + later.text,
+            self.tokens + later.tokens,
+            later.finish_reason,
+            logprobs,
+            self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+        )
+
+
+@dataclass
+class EngineStats:
+    waiting: int = 0
+    running: int = 0
+    tokens_per_s: float = 0.0
+    batch_size: int | None = None  # sequences in the current forward pass (batching engines)
+    kv_cache_usage: float | None = None  # fraction of the KV cache in use (engines that manage one)
+
+
+class Engine(abc.ABC):
+    kind: WorkerKind
+    name: str  # e.g. "transformers", "vllm"
+    context_length: int
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Load weights and warm up; called once before serving."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+    @abc.abstractmethod
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt for a chat, through the model's chat template (or a named fallback), with the
+        tool definitions when given."""
+
+    def check(self, params: SamplingParams) -> None:  # noqa: B027 - optional hook
+        """Raise `InvalidRequest` for settings this engine cannot honour, before streaming starts."""
+
+    @abc.abstractmethod
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    @abc.abstractmethod
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
+        """Stream one sequence.  Closing the iterator early aborts the generation."""
+
+    @abc.abstractmethod
+    async def embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:
+        """L2-normalised embeddings and the number of tokens consumed."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+
+class TemplatedEngine(Engine):
+    """Prompts through a Hugging Face tokenizer and a `templates.ChatRenderer` (None for embedding
+    models): what every engine built on transformers' tokenizers shares."""
+
+    tokenizer: Any = None
+    renderer: Any = None
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        if self.renderer is None:
+            raise InvalidRequest("this model is an embedding model; it does not chat", param="model")
+        try:
+            return self.renderer.render(messages, tools)
+        except Exception as exc:  # template errors are the request's fault (e.g. role order)
+            raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from exc
+
+    def check_logit_bias(self, params: SamplingParams, vocab_size: int) -> None:
+        bad = [t for t in params.logit_bias if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequest(
+                f"logit_bias has token ids outside this model's vocabulary (0..{vocab_size - 1}): {bad[:5]}",
+                param="logit_bias",
+            )
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    @property
+    def template_stop(self) -> list[str]:
+        return self.renderer.stop if self.renderer else []

@@ -1,0 +1,371 @@
+"""`stack.toml`: the declarative description of a stack, validated before anything starts.
+
+Each section turns into the command line of one service (`python -m llmstack <service> ...`), so a
+stack started by `llmstack up` runs exactly what a person could run by hand, one terminal each.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = "stack.toml"
+FIRST_WORKER_PORT = 21002
+
+
+class ConfigError(ValueError):
+    """A stack.toml that cannot work; the message names the file, the key, the problem and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class TLS(_Section):
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    @model_validator(mode="after")
+    def _both(self) -> TLS:
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ValueError("ssl needs both certfile and keyfile")
+        return self
+
+    def args(self) -> list[str]:
+        if not self.certfile:
+            return []
+        return ["--ssl", "--ssl-certfile", self.certfile, "--ssl-keyfile", str(self.keyfile)]
+
+
+class StackSection(_Section):
+    name: str = Field("llmstack", pattern=r"^[A-Za-z0-9_.-]+$")
+    run_dir: str | None = Field(None, description="state, pids and logs; default ~/.llmstack/<name>")
+    drain_timeout: float = Field(30.0, ge=0, le=3600)
+    cluster_token: str | None = Field(None, description="shared secret for workers; generated when unset")
+    python: str | None = Field(None, description="interpreter for the services; default: the current one")
+    start_timeout: float = Field(900.0, gt=0, description="seconds a service may take to become healthy")
+    restart_backoff: float = Field(1.0, gt=0, description="first restart delay; doubles per crash")
+    restart_backoff_max: float = Field(30.0, gt=0, description="longest restart delay")
+    crash_loop_restarts: int = Field(5, ge=1, description="crashes within crash_loop_window that stop restarts")
+    crash_loop_window: float = Field(120.0, gt=0, description="seconds over which crashes are counted")
+
+    @model_validator(mode="after")
+    def _backoff(self) -> StackSection:
+        if self.restart_backoff > self.restart_backoff_max:
+            raise ValueError("restart_backoff must not exceed restart_backoff_max")
+        return self
+
+
+class ControllerSection(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 21001
+    dispatch_method: Literal["lottery", "shortest_queue"] = "shortest_queue"
+    heartbeat_expiry: float = Field(10.0, gt=0)
+    address: str | None = Field(None, description="URL of a remote controller (for worker-only machines)")
+    ssl: TLS = TLS()
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+(:\d+)?/?$", value):
+            raise ValueError("must be an http(s) URL such as http://10.0.0.5:21001")
+        return value
+
+    @property
+    def local(self) -> bool:
+        """True when this stack runs the controller itself (no remote `address`)."""
+        return self.enabled and not self.address
+
+    @property
+    def url(self) -> str:
+        if self.address:
+            return self.address.rstrip("/")
+        scheme = "https" if self.ssl.certfile else "http"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+    def args(self) -> list[str]:
+        return [
+            "--host", self.host, "--port", str(self.port), "--dispatch-method", self.dispatch_method,
+            "--heartbeat-expiry", str(self.heartbeat_expiry), *self.ssl.args(),
+        ]  # fmt: skip
+
+
+class ModelSection(_Section):
+    """One model worker (or `replicas` of them).  Keys mirror `llmstack worker` flags."""
+
+    model: str = Field(min_length=1, description="ModelScope / Hugging Face id, or a local directory")
+    names: list[str] = Field(default_factory=list, description="served names (aliases); default: last path part")
+    source: Literal["modelscope", "huggingface", "local"] = "modelscope"
+    revision: str | None = None
+    cache_dir: str | None = None
+    backend: Literal["transformers", "vllm"] = "transformers"
+    host: str = "127.0.0.1"
+    port: Port | None = None
+    worker_address: str | None = None
+    replicas: int = Field(1, ge=1, le=64)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    gpus: str | None = Field(None, pattern=r"^\d+(,\d+)*$")
+    num_gpus: int = Field(1, ge=1)
+    max_gpu_memory: str | None = Field(None, pattern=r"^\d+(\.\d+)?\s*(GiB|GB|MiB|MB)$")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    load_8bit: bool = False
+    cpu_offloading: bool = False
+    conv_template: str | None = None
+    limit_worker_concurrency: int | None = Field(None, ge=1, description="default: max_batch_size (vllm: 1024)")
+    max_batch_size: int | None = Field(None, ge=1, description="transformers: sequences decoded together")
+    max_batch_tokens: int | None = Field(None, ge=1, description="transformers: KV positions the batch may hold")
+    max_queue: int = Field(256, ge=0)
+    stream_interval: int = Field(1, ge=1)
+    seed: int | None = None
+    trust_remote_code: bool = False
+    embed_in_truncate: bool = False
+    tool_parser: Literal["hermes"] = "hermes"
+    heartbeat_interval: float = Field(3.0, gt=0)
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="extra engine arguments (vLLM)")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for this worker")
+
+    @field_validator("conv_template")
+    @classmethod
+    def _template(cls, name: str | None) -> str | None:
+        if name is not None:
+            from llmstack.services.engines.text.templates import get_template  # a small, import-free module
+
+            get_template(name)
+        return name
+
+    @field_validator("names")
+    @classmethod
+    def _names(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError("names must be unique")
+        if any(not n.strip() or "," in n for n in names):
+            raise ValueError("names must be non-empty and contain no commas")
+        return names
+
+    @model_validator(mode="after")
+    def _combinations(self) -> ModelSection:
+        if self.cpu_offloading and not self.load_8bit:
+            raise ValueError("cpu_offloading needs load_8bit = true")
+        if self.load_8bit and self.backend == "vllm":
+            raise ValueError("load_8bit is a transformers option; for vllm use engine_args.quantization")
+        if self.engine_args and self.backend != "vllm":
+            raise ValueError('engine_args only apply to backend = "vllm"')
+        if self.replicas > 1 and self.port is not None:
+            raise ValueError("replicas > 1 cannot share one fixed port; leave port unset")
+        return self
+
+    @property
+    def served_names(self) -> list[str]:
+        return self.names or [self.model.rstrip("/").rsplit("/", 1)[-1]]
+
+    def args(self, model_path: str, port: int, controller_url: str) -> list[str]:
+        a = ["--model-path", model_path, "--host", self.host, "--port", str(port)]
+        a += ["--controller-address", controller_url, "--model-names", ",".join(self.served_names)]
+        if self.worker_address:
+            a += ["--worker-address", self.worker_address]
+        if self.backend != "transformers":
+            a += ["--backend", self.backend]
+        if self.revision:
+            a += ["--revision", self.revision]
+        for flag, value in (
+            ("--device", self.device), ("--gpus", self.gpus), ("--num-gpus", self.num_gpus),
+            ("--max-gpu-memory", self.max_gpu_memory), ("--dtype", self.dtype),
+            ("--conv-template", self.conv_template), ("--limit-worker-concurrency", self.limit_worker_concurrency),
+            ("--max-batch-size", self.max_batch_size), ("--max-batch-tokens", self.max_batch_tokens),
+            ("--max-queue", self.max_queue), ("--stream-interval", self.stream_interval), ("--seed", self.seed),
+            ("--heartbeat-interval", self.heartbeat_interval), ("--tool-parser", self.tool_parser),
+        ):  # fmt: skip
+            if value is not None:
+                a += [flag, str(value)]
+        for flag, on in (
+            ("--load-8bit", self.load_8bit), ("--cpu-offloading", self.cpu_offloading),
+            ("--trust-remote-code", self.trust_remote_code), ("--embed-in-truncate", self.embed_in_truncate),
+        ):  # fmt: skip
+            if on:
+                a.append(flag)
+        if self.engine_args:
+            a += ["--engine-args", json.dumps(self.engine_args)]
+        return a
+
+
+class APISection(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    api_keys: list[str] = Field(default_factory=list)
+    sync_interval: float = Field(1.0, gt=0)
+    request_timeout: float = Field(600.0, gt=0)
+    stream_timeout: float = Field(60.0, gt=0, description="longest silence from a worker mid-stream")
+    ssl: TLS = TLS()
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.ssl.certfile else "http"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+    def args(self, controller_url: str) -> list[str]:
+        return [
+            "--host", self.host, "--port", str(self.port), "--controller-address", controller_url,
+            "--sync-interval", str(self.sync_interval), "--request-timeout", str(self.request_timeout),
+            "--stream-timeout", str(self.stream_timeout),
+            *self.ssl.args(),
+        ]  # fmt: skip
+
+
+class WebUISection(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 7860
+    auth: list[str] = Field(default_factory=list, description='logins as "user:password"')
+    title: str = "llmstack"
+
+    @field_validator("auth")
+    @classmethod
+    def _auth(cls, logins: list[str]) -> list[str]:
+        for login in logins:
+            user, sep, password = login.partition(":")
+            if not sep or not user or not password:
+                raise ValueError('each login must look like "user:password"')
+        return logins
+
+
+class TunnelSection(_Section):
+    host: str | None = Field(None, description="[user@]host of the server, as for ssh")
+    ssh_port: Port = 22
+    identity_file: str | None = None
+    local_api_port: Port | None = None
+    local_webui_port: Port | None = None
+
+
+class StackConfig(_Section):
+    stack: StackSection = StackSection()
+    controller: ControllerSection = ControllerSection()
+    models: list[ModelSection] = Field(default_factory=list)
+    api: APISection = APISection()
+    webui: WebUISection = WebUISection()
+    tunnel: TunnelSection = TunnelSection()
+
+    source_path: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _ports(self) -> StackConfig:
+        seen: dict[tuple[str, int], str] = {}
+
+        def claim(host: str, port: int, who: str) -> None:
+            key = ("*" if host in ("0.0.0.0", "::") else host, port)
+            for (h, p), other in seen.items():
+                if p == port and (h == key[0] or "*" in (h, key[0])):
+                    raise ValueError(f"port {port} is used by both {other} and {who}")
+            seen[key] = who
+
+        if self.controller.enabled and not self.controller.address:
+            claim(self.controller.host, self.controller.port, "controller")
+        if self.api.enabled:
+            claim(self.api.host, self.api.port, "api")
+        if self.webui.enabled:
+            claim(self.webui.host, self.webui.port, "webui")
+        for i, m in enumerate(self.models):
+            if m.port is not None:
+                claim(m.host, m.port, f"models[{i}]")
+        names: dict[str, int] = {}
+        for i, m in enumerate(self.models):
+            for name in m.served_names:
+                if name in names:
+                    raise ValueError(f"model name {name!r} is served by models[{names[name]}] and models[{i}]")
+                names[name] = i
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        """Directory relative paths in the file are resolved against: the stack.toml's own."""
+        return self.source_path.parent if self.source_path else Path.cwd()
+
+    def resolve_path(self, value: str) -> Path:
+        """A path from the file: `~` expanded, relative ones taken relative to the stack.toml."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    def worker_ports(self) -> list[list[int]]:
+        """Ports per model entry and replica: fixed ones as given, the rest counted up from 21002,
+        skipping every port another service of the stack claims."""
+        taken = {self.controller.port, self.api.port, self.webui.port} | {m.port for m in self.models if m.port}
+        nxt = FIRST_WORKER_PORT
+        out: list[list[int]] = []
+        for m in self.models:
+            if m.port is not None:
+                out.append([m.port])
+                continue
+            ports = []
+            for _ in range(m.replicas):
+                while nxt in taken:
+                    nxt += 1
+                ports.append(nxt)
+                taken.add(nxt)
+            out.append(ports)
+        return out
+
+
+def _format_errors(path: str, exc: ValidationError, raw: dict[str, Any]) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for err in exc.errors():
+        loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            section = err["loc"][:-1]
+            allowed = _allowed_keys(section)
+            msg = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
+        elif "input" in err and not isinstance(err["input"], dict) and err["type"] != "missing":
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = StackConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        inner = getattr(ann, "__args__", (ann,))
+        candidates = [a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return [k for k, f in model.model_fields.items() if not f.exclude]
+
+
+def parse_config(data: dict[str, Any], path: str = "<config>") -> StackConfig:
+    try:
+        cfg = StackConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(path, exc, data)) from None
+    return cfg
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG) -> StackConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such file (pass --config/-c, or create one: see examples/)")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text: {exc}") from None
+    cfg = parse_config(data, str(p))
+    cfg.source_path = p.resolve()
+    return cfg
