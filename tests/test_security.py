@@ -18,7 +18,7 @@ from llmstack.common.errors import Overloaded, ServiceUnavailable
 from llmstack.common.wire import WorkerEntry, WorkerRegistration, WorkerStatus, WorkerTable
 from llmstack.services.api.routing import RoutingTable
 from llmstack.services.controller import ControllerSettings, build_controller_app
-from llmstack.services.worker.app import Admission
+from llmstack.services.worker.admission import Admission
 from tests.support.procs import Service, free_port
 
 TOKEN = "cluster-s3cret"

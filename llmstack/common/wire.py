@@ -2,7 +2,7 @@
 
 Registration and routing bodies are pydantic models (validated at the boundary).  The generation
 stream is newline-delimited JSON of small dicts (one per event) because it sits on the per-token hot
-path; its shape is documented by the TypedDicts below.
+path; its shape is the `StreamEvent` TypedDicts at the end, which both sides use.
 """
 
 from __future__ import annotations
@@ -175,7 +175,6 @@ class CountTokensRequest(BaseModel):
     messages: list[dict[str, Any]] | None = None
 
 
-# -- generation stream events (one JSON object per line) --------------------------------------------
 class TextEvent(TypedDict):
     """A piece of text for choice `index`; `finish_reason` is set on the choice's last event.
 
@@ -192,13 +191,23 @@ class TextEvent(TypedDict):
     tool_calls: NotRequired[list[dict[str, Any]]]
 
 
+class Usage(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class UsageEvent(TypedDict):
     """The stream's last line: exact token counts over all choices."""
 
-    usage: dict[str, int]
+    usage: Usage
 
 
 class ErrorEvent(TypedDict):
     """A typed error after the stream started; the body is OpenAI's error envelope."""
 
     error: dict[str, Any]
+
+
+#: One line of a worker's `/generate` stream (NDJSON).  Plain dicts on the hot path, no validation per
+#: token: the worker writes them, the API server reads them with `"usage" in event` / `"error" in event`.
+StreamEvent = TextEvent | UsageEvent | ErrorEvent
