@@ -278,11 +278,11 @@ def test_one_api_server_serves_one_model_from_both_engines(vstack: Stack, target
 
 
 # -- the transformers engine's engine-neutral tests, against the vLLM worker ---------------------------------
-def _on_vllm(test):  # noqa: ANN001, ANN202
+def _on_vllm(test):
     """The same test collected here (where `target` is the vLLM worker), marked slow, the original untouched."""
 
     @functools.wraps(test)
-    def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def run(*args, **kwargs):
         return test(*args, **kwargs)
 
     run.pytestmark = [*getattr(test, "pytestmark", []), pytest.mark.slow.mark]  # type: ignore[attr-defined]

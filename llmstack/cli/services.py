@@ -4,7 +4,7 @@ terminals).  Thin: parse flags, build settings, call into `llmstack.services`.""
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -22,12 +22,15 @@ from llmstack.cli.common import (
 from llmstack.cli.options import with_worker_options
 from llmstack.services.worker.options import WorkerOptions
 
+if TYPE_CHECKING:
+    from llmstack.common.http import TLSFiles
+
 #: The commands of this group; `register` adds them to the main app.
 commands = typer.Typer()
 
 
-def _tls(ssl: bool, certfile: str | None, keyfile: str | None):  # noqa: ANN202
-    from llmstack.common.http import TLSFiles
+def _tls(ssl: bool, certfile: str | None, keyfile: str | None) -> TLSFiles:
+    from llmstack.common.http import TLSFiles  # fastapi and uvicorn: only for the commands that serve
 
     try:
         return TLSFiles.resolve(ssl, certfile, keyfile)
@@ -36,7 +39,7 @@ def _tls(ssl: bool, certfile: str | None, keyfile: str | None):  # noqa: ANN202
 
 
 def _check_port(host: str, port: int) -> None:
-    from llmstack.common.http import check_port_free
+    from llmstack.common.net import check_port_free
 
     try:
         check_port_free(host, port)
@@ -61,7 +64,8 @@ def controller(
     debug: Debug = False,
 ) -> None:
     """Run the controller: the registry of workers and their heartbeats."""
-    from llmstack.common.http import is_loopback, serve, setup_logging
+    from llmstack.common.http import serve, setup_logging
+    from llmstack.common.net import is_loopback
     from llmstack.services.controller import ControllerSettings, build_controller_app
 
     if dispatch_method not in ("lottery", "shortest_queue"):
@@ -181,7 +185,8 @@ def api(
 ) -> None:
     """Run the OpenAI-compatible API server (/v1/models, /v1/chat/completions, /v1/completions,
     /v1/embeddings)."""
-    from llmstack.common.http import is_loopback, parse_keys, serve, setup_logging
+    from llmstack.common.http import parse_keys, serve, setup_logging
+    from llmstack.common.net import is_loopback
     from llmstack.services.api.app import APISettings, build_api_app
 
     tls = _tls(ssl, ssl_certfile, ssl_keyfile)

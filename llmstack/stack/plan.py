@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from llmstack.common.net import service_url
 from llmstack.stack.config import DEFAULT_CONFIG, ConfigError, StackConfig
 from llmstack.stack.rundir import (
     Role,
@@ -135,13 +136,6 @@ def _cached_modelscope_snapshot(model: str, cache: Path | None, revision: str | 
         return resolve_model(str(snapshot)) if snapshot.is_dir() else None
     except DownloadError:
         return None
-
-
-def service_url(host: str, port: int, tls: bool = False) -> str:
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    if ":" in shown:
-        shown = f"[{shown}]"
-    return f"{'https' if tls else 'http'}://{shown}:{port}"
 
 
 def selected_roles(cfg: StackConfig, only: list[RoleName] | None) -> list[str]:
@@ -285,7 +279,7 @@ def cluster_token_for(cfg: StackConfig | None, rd: RunDir) -> str | None:
 
 def preflight(cfg: StackConfig, specs: list[ServiceSpec]) -> list[str]:
     """Problems that would make a service fail at once: each names the service and what to change."""
-    from llmstack.common.http import check_port_free
+    from llmstack.common.net import check_port_free
 
     problems = []
     for spec in specs:
@@ -300,7 +294,7 @@ def preflight(cfg: StackConfig, specs: list[ServiceSpec]) -> list[str]:
 
 
 def exposure_warnings(cfg: StackConfig, specs: list[ServiceSpec], secrets: dict[str, str]) -> list[str]:
-    from llmstack.common.http import is_loopback
+    from llmstack.common.net import is_loopback
 
     out = []
     for spec in specs:

@@ -7,8 +7,10 @@ import contextlib
 import time
 from typing import Any
 
+import psutil
 from rich.table import Table
 
+from llmstack.common.net import bearer, judge_health
 from llmstack.stack.plan import cluster_token_for
 from llmstack.stack.rundir import (
     Phase,
@@ -22,17 +24,9 @@ def _health(rec: Any) -> tuple[bool, str]:
 
     try:
         with httpx.Client(timeout=2.0, trust_env=False, verify=False) as client:
-            resp = client.get(rec.health_url)
+            return judge_health(client.get(rec.health_url))
     except httpx.HTTPError as exc:
         return False, type(exc).__name__
-    if resp.status_code != 200:
-        return False, f"HTTP {resp.status_code}"
-    if rec.role == "workers":
-        with contextlib.suppress(ValueError):
-            status = resp.json().get("status")
-            return status == "ok", str(status)
-        return False, "bad reply"
-    return True, "ok"
 
 
 def _uptime(seconds: float | None) -> str:
@@ -47,7 +41,7 @@ def _models_from_controller(url: str | None, token: str | None, state: RunState)
 
     if not url:
         return [], None
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = bearer(token)
     try:
         with httpx.Client(timeout=3.0, trust_env=not url.startswith(("http://127.", "http://localhost"))) as client:
             resp = client.get(f"{url}/workers", headers=headers)
@@ -60,7 +54,7 @@ def _models_from_controller(url: str | None, token: str | None, state: RunState)
         if rec.role == "workers" and rec.proc is not None:
             total = 0
             for proc in rec.proc.members():
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(psutil.Error):  # it exited meanwhile
                     total += proc.memory_info().rss
             memory[rec.url.rstrip("/")] = total
     models: dict[str, dict] = {}
