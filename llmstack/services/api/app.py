@@ -5,17 +5,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from llmstack.common.errors import NotFound
 from llmstack.common.http import StreamingResponseWithDisconnect, check_bearer, install_error_handlers
-from llmstack.common.metrics import UNKNOWN_MODEL, MetricsMiddleware, ServingMetrics, counter_collector, gauge_collector
+from llmstack.common.metrics import (
+    UNKNOWN_MODEL,
+    MetricsMiddleware,
+    RequestTracker,
+    ServingMetrics,
+    counter_collector,
+    gauge_collector,
+)
 from llmstack.services.api.chat import ChatCompletions
 from llmstack.services.api.completions import TextCompletions
 from llmstack.services.api.embeddings import Embeddings
@@ -52,6 +59,35 @@ def _endpoint(path: str) -> str | None:
 
 
 def build_api_app(settings: APISettings) -> FastAPI:
+    app = FastAPI(title="llmstack OpenAI-compatible API", lifespan=_lifespan(settings), docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    metrics = ServingMetrics("api")
+    app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=_endpoint)
+    _register_api_gauges(app, metrics)
+    app.include_router(_v1_routes(settings, metrics))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint() -> Response:
+        return metrics.render()
+
+    @app.get("/health")
+    async def health(request: Request) -> dict:
+        router: RoutingTable = request.app.state.router
+        age = None if router.last_sync is None else round(time.monotonic() - router.last_sync, 3)
+        return {
+            "status": "ok",
+            "models": sorted(router.models()),
+            "workers": router.usable(),
+            "routing_table_age": age,
+        }
+
+    return app
+
+
+def _lifespan(settings: APISettings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The process's services on `app.state`: one pooled HTTP client, the routing table (synced in the
+    background) and one serving object per endpoint."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # one pooled client for the process; generous limits since every request is one worker hop
@@ -85,16 +121,17 @@ def build_api_app(settings: APISettings) -> FastAPI:
             sync.cancel()
             await client.aclose()
 
-    app = FastAPI(title="llmstack OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
-    install_error_handlers(app)
-    metrics = ServingMetrics("api")
-    app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=_endpoint)
+    return lifespan
 
-    def routed_workers():  # noqa: ANN202
+
+def _register_api_gauges(app: FastAPI, metrics: ServingMetrics) -> None:
+    """Routing-table figures read at scrape time."""
+
+    def routed_workers() -> list[tuple[list[str], float]]:
         router: RoutingTable | None = getattr(app.state, "router", None)
         return [([m], float(len(r))) for m, r in router.by_model.items()] if router else []
 
-    def failovers():  # noqa: ANN202
+    def failovers() -> list[tuple[list[str], float]]:
         router: RoutingTable | None = getattr(app.state, "router", None)
         return [([m, reason], float(n)) for (m, reason), n in router.failovers.items()] if router else []
 
@@ -112,7 +149,11 @@ def build_api_app(settings: APISettings) -> FastAPI:
         )
     )
 
-    def track(request: Request, model: str):  # noqa: ANN202
+
+def _v1_routes(settings: APISettings, metrics: ServingMetrics) -> APIRouter:
+    """The OpenAI surface: each route tracks its request and hands it to its serving object."""
+
+    def track(request: Request, model: str) -> RequestTracker:
         served = request.app.state.router.by_model
         tracker = metrics.track(model if model in served else UNKNOWN_MODEL)
         request.state.tracker = tracker
@@ -134,45 +175,30 @@ def build_api_app(settings: APISettings) -> FastAPI:
         return _model_card(model)
 
     @v1.post("/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):  # noqa: ANN201
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         chat: ChatCompletions = request.app.state.chat
         tracker = track(request, req.model)
         if req.stream:
-            stream = await chat.chat_stream(req, tracker)
-            return StreamingResponseWithDisconnect(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
+            return _sse(await chat.chat_stream(req, tracker))
         return JSONResponse(await chat.chat(req, tracker))
 
     @v1.post("/completions")
-    async def completions_(req: CompletionRequest, request: Request):  # noqa: ANN201
+    async def completions_(req: CompletionRequest, request: Request) -> Response:
         completions: TextCompletions = request.app.state.completions
         tracker = track(request, req.model)
         if req.stream:
-            stream = await completions.complete_stream(req, tracker)
-            return StreamingResponseWithDisconnect(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
+            return _sse(await completions.complete_stream(req, tracker))
         return JSONResponse(await completions.complete(req, tracker))
 
     @v1.post("/embeddings")
     async def embeddings(req: EmbeddingRequest, request: Request) -> JSONResponse:
         return JSONResponse(await request.app.state.embeddings.create(req, track(request, req.model)))
 
-    app.include_router(v1)
+    return v1
 
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics_endpoint():  # noqa: ANN202
-        return metrics.render()
 
-    @app.get("/health")
-    async def health(request: Request) -> dict:
-        router: RoutingTable = request.app.state.router
-        age = None if router.last_sync is None else round(time.monotonic() - router.last_sync, 3)
-        return {
-            "status": "ok",
-            "models": sorted(router.models()),
-            "workers": router.usable(),
-            "routing_table_age": age,
-        }
-
-    return app
+def _sse(stream: AsyncIterator[bytes]) -> StreamingResponseWithDisconnect:
+    return StreamingResponseWithDisconnect(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
 _STARTED = int(time.time())
