@@ -26,7 +26,7 @@ from llmstack.services.worker.options import WorkerOptions
 from tests import test_api_depth as api_depth_tests
 from tests import test_serving_e2e as serving_tests
 from tests.support.api_depth import Target, new_target
-from tests.support.procs import DEFAULT_ENV, REPO_ROOT
+from tests.support.procs import DEFAULT_ENV, REPO_ROOT, free_port
 from tests.support.stack import Stack, new_stack
 from tests.support.tiny_model import build_tiny_llama
 
@@ -105,7 +105,7 @@ def test_options_of_the_other_backend_are_refused() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "llmstack", "worker", "--no-register", *args]
+    cmd = [sys.executable, "-m", "llmstack", "worker", "--no-register", "--port", str(free_port()), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=_env())
 
 
