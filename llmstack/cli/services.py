@@ -4,6 +4,7 @@ terminals).  Thin: parse flags, build settings, call into `llmstack.services`.""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -388,6 +389,21 @@ def api(
     api_keys: Annotated[
         str | None, typer.Option("--api-keys", envvar="LLMSTACK_API_KEYS", help="Comma-separated Bearer keys.")
     ] = None,
+    keys_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--keys-file",
+            envvar="LLMSTACK_KEYS_FILE",
+            help="Named keys with models and limits (TOML, or JSON when the name ends in .json); reloaded when "
+            "it changes and on SIGHUP.",
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir", envvar="LLMSTACK_STATE_DIR", help="Directory for the server's state (usage accounting)."
+        ),
+    ] = None,
     cluster_token: ClusterToken = None,
     sync_interval: Annotated[float, typer.Option(help="Seconds between routing-table syncs.")] = 1.0,
     request_timeout: Annotated[float, typer.Option(help="Seconds a request may take end to end.")] = 600.0,
@@ -405,14 +421,23 @@ def api(
     debug: Debug = False,
 ) -> None:
     """Run the OpenAI-compatible API server (/v1/models, /v1/chat/completions, /v1/completions,
-    /v1/embeddings)."""
+    /v1/embeddings).
+
+    Keys: --api-keys (plain, unlimited), --keys-file (named, with models and limits), and the stack's
+    [[api.keys]] in LLMSTACK_API_KEY_RULES (JSON).  With --state-dir, usage per key, model and day is
+    recorded in STATE_DIR/usage.db (`llmstack usage --run-dir STATE_DIR`)."""
     from llmstack.common.http import is_loopback, parse_keys, serve, setup_logging
     from llmstack.services.api.app import APISettings, build_api_app
+    from llmstack.services.api.keys.rules import KeysFileError, rules_from_env
 
     tls = _tls(ssl, ssl_certfile, ssl_keyfile)
     setup_logging("api", debug=debug)
     keys = parse_keys(api_keys)
-    if not is_loopback(host) and not keys:
+    try:
+        rules = rules_from_env(os.environ["LLMSTACK_API_KEY_RULES"]) if os.environ.get("LLMSTACK_API_KEY_RULES") else []
+    except KeysFileError as exc:
+        fail(str(exc))
+    if not is_loopback(host) and not keys and not rules and keys_file is None:
         typer.secho(
             f"warning: the API server listens on {host} without --api-keys: anyone who can reach it can use it",
             fg=typer.colors.YELLOW,
@@ -422,12 +447,19 @@ def api(
     settings = APISettings(
         controller_address=controller_address,
         api_keys=keys,
+        key_rules=rules,
+        keys_file=keys_file.expanduser().resolve() if keys_file else None,
+        state_dir=state_dir.expanduser().resolve() if state_dir else None,
         cluster_token=cluster_token,
         sync_interval=sync_interval,
         request_timeout=request_timeout,
         stream_timeout=stream_timeout,
     )
-    serve(build_api_app(settings), host=host, port=port, tls=tls, drain_timeout=drain_timeout)
+    try:
+        app = build_api_app(settings)
+    except KeysFileError as exc:
+        fail(str(exc))
+    serve(app, host=host, port=port, tls=tls, drain_timeout=drain_timeout)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import contextvars
 import hmac
 import logging
+import math
 import os
 import socket
 import sys
@@ -60,9 +61,11 @@ def setup_logging(service: str, *, debug: bool = False) -> None:
 
 # -- errors --------------------------------------------------------------------------------------------
 def error_response(exc: LLMStackError) -> JSONResponse:
-    headers = {}
-    if isinstance(exc, Overloaded):
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    headers = dict(exc.headers)
+    if isinstance(exc, Overloaded) and exc.retry_after is not None:
+        # whole seconds, rounded up: a client that waits this long finds room
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        headers["retry-after-ms"] = str(max(1, math.ceil(exc.retry_after * 1000)))  # read first by OpenAI's SDKs
     rid = request_id_var.get()
     return JSONResponse(exc.to_body(rid if rid != "-" else None), status_code=exc.status_code, headers=headers)
 

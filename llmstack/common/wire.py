@@ -154,6 +154,8 @@ class GenerateRequest(BaseModel):
     params: SamplingParams = SamplingParams()
     echo: bool = False
     tools: ToolSpec | None = None
+    priority: int = Field(0, description="higher goes first in the worker's queue (the API key's priority)")
+    report_prompt_tokens: bool = Field(False, description="send a PromptEvent first, before generating")
 
 
 class EmbedRequest(BaseModel):
@@ -176,6 +178,14 @@ class CountTokensRequest(BaseModel):
 
 
 # -- generation stream events (one JSON object per line) --------------------------------------------
+class PromptEvent(TypedDict):
+    """The stream's first line when the request asked for it (`report_prompt_tokens`): the prompt's token
+    count, sent before the request waits for a slot, so the API server can apply a token limit before
+    anything is generated."""
+
+    prompt_tokens: int
+
+
 class TextEvent(TypedDict):
     """A piece of text for choice `index`; `finish_reason` is set on the choice's last event.
 

@@ -8,17 +8,22 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from llmstack.common.errors import NotFound
-from llmstack.common.http import StreamingResponseWithDisconnect, check_bearer, install_error_handlers
+from llmstack.common.http import StreamingResponseWithDisconnect, install_error_handlers
 from llmstack.common.metrics import UNKNOWN_MODEL, MetricsMiddleware, ServingMetrics, counter_collector, gauge_collector
 from llmstack.services.api.chat import ChatCompletions
 from llmstack.services.api.completions import TextCompletions
 from llmstack.services.api.embeddings import Embeddings
+from llmstack.services.api.keys.access import KeyService, KeysMiddleware, key_collectors, require_key
+from llmstack.services.api.keys.rules import KeyRule, flat_rules
+from llmstack.services.api.keys.source import KeysSource
+from llmstack.services.api.keys.usage import UsageStore
 from llmstack.services.api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from llmstack.services.api.routing import RoutingTable
 from llmstack.services.api.upstream import WorkerStream
@@ -29,7 +34,10 @@ log = logging.getLogger("llmstack.api")
 @dataclass
 class APISettings:
     controller_address: str = "http://127.0.0.1:21001"
-    api_keys: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list)  # plain keys: unlimited, named key-1, key-2, ...
+    key_rules: list[KeyRule] = field(default_factory=list)  # named keys with models and limits
+    keys_file: Path | None = None  # more named keys, reloaded when the file changes and on SIGHUP
+    state_dir: Path | None = None  # usage accounting (usage.db) lives here; None: not recorded
     cluster_token: str | None = None
     sync_interval: float = 1.0
     failure_cooldown: float = 2.0
@@ -52,6 +60,9 @@ def _endpoint(path: str) -> str | None:
 
 
 def build_api_app(settings: APISettings) -> FastAPI:
+    """The app; raises `KeysFileError` when the keys cannot be used (before anything is served)."""
+    source = KeysSource([*flat_rules(settings.api_keys), *settings.key_rules], settings.keys_file)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # one pooled client for the process; generous limits since every request is one worker hop
@@ -78,17 +89,23 @@ def build_api_app(settings: APISettings) -> FastAPI:
         app.state.chat = ChatCompletions(workers)
         app.state.completions = TextCompletions(workers)
         app.state.embeddings = Embeddings(workers)
-        sync = asyncio.create_task(router.run())
+        store = UsageStore(settings.state_dir) if settings.state_dir is not None else None
+        app.state.keys = KeyService(source, store, lambda: router.by_model)
+        tasks = [asyncio.create_task(router.run()), asyncio.create_task(app.state.keys.run())]
         try:
             yield
         finally:
-            sync.cancel()
+            for task in tasks:
+                task.cancel()
             await client.aclose()
+            if store is not None:
+                await asyncio.to_thread(store.close)
 
     app = FastAPI(title="llmstack OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
     metrics = ServingMetrics("api")
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=_endpoint)
+    app.add_middleware(KeysMiddleware)
 
     def routed_workers():  # noqa: ANN202
         router: RoutingTable | None = getattr(app.state, "router", None)
@@ -112,24 +129,26 @@ def build_api_app(settings: APISettings) -> FastAPI:
         )
     )
 
+    for collector in key_collectors(source.limits):
+        metrics.registry.register(collector)
+
     def track(request: Request, model: str):  # noqa: ANN202
         served = request.app.state.router.by_model
         tracker = metrics.track(model if model in served else UNKNOWN_MODEL)
         request.state.tracker = tracker
+        request.app.state.keys.admit(request, model)  # 404 for a model the key may not use, 429 over a limit
         return tracker
-
-    async def require_key(request: Request) -> None:  # async: a plain def would run in the thread pool
-        check_bearer(request, settings.api_keys)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
     @v1.get("/models")
     async def list_models(request: Request) -> dict:
-        return {"object": "list", "data": [_model_card(name) for name in request.app.state.router.models()]}
+        names = request.app.state.keys.visible(request, list(request.app.state.router.models()))
+        return {"object": "list", "data": [_model_card(name) for name in names]}
 
     @v1.get("/models/{model:path}")
     async def get_model(model: str, request: Request) -> dict:
-        if model not in request.app.state.router.models():
+        if not request.app.state.keys.visible(request, [m for m in request.app.state.router.models() if m == model]):
             raise NotFound(f"The model '{model}' does not exist.", param="model")
         return _model_card(model)
 

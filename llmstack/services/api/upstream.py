@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from contextvars import ContextVar
+from typing import Any, Protocol
 
 import anyio
 import httpx
@@ -22,6 +23,28 @@ _RETRYABLE_STATUS = {429, 502, 503}
 
 # the worker answers headers at once; only queueing and generation may take long
 _STREAM_HTTP_TIMEOUT = httpx.Timeout(connect=3.0, read=None, write=30.0, pool=30.0)
+
+
+class Meter(Protocol):
+    """Who pays for a request (an API key's grant): told what the worker reports as it happens."""
+
+    def worker_fields(self) -> dict[str, Any]:
+        """Extra fields for the worker's request body (priority, asking for the prompt's token count)."""
+        ...
+
+    def prompt(self, tokens: int) -> None:
+        """The prompt's token count, before generation; may raise (a rate limit) to refuse the request."""
+        ...
+
+    def generated(self, tokens: int) -> None: ...
+
+    async def usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """A stream's (or a post's) final counts; awaited before they are passed on to the client."""
+        ...
+
+
+#: The meter of the request being served (set when its key admits it); None: nobody meters it.
+current_meter: ContextVar[Meter | None] = ContextVar("current_meter", default=None)
 
 
 class _Lost(Exception):
@@ -106,6 +129,10 @@ class WorkerStream:
         last_error: LLMStackError | None = None
         headers = self._headers()
         deadline = time.monotonic() + self.request_timeout
+        meter = current_meter.get()
+        if meter is not None and meter.worker_fields():
+            body = {**body, **meter.worker_fields()}
+        prompted = False  # a retry on another worker reports the prompt again: it is counted once
         for _ in range(self.max_attempts):
             try:
                 route = self.router.pick(model, tried)
@@ -148,7 +175,14 @@ class WorkerStream:
                         except Exception as exc:
                             raise _Lost(f"{type(exc).__name__}: {exc}") from exc
                         for event in _merge_text_events([orjson.loads(line) for line in lines if line]):
+                            if "prompt_tokens" in event:  # counted before generation; not the stream's start
+                                if meter is not None and not prompted:
+                                    meter.prompt(event["prompt_tokens"])
+                                prompted = True
+                                continue
                             started = True
+                            if meter is not None:
+                                await _report(meter, event)
                             yield event
                     self.router.mark_ok(route)
                     return
@@ -193,13 +227,24 @@ class WorkerStream:
             finally:
                 route.inflight -= 1
             if response.status_code == 200:
-                return response.json()
+                reply = response.json()
+                meter = current_meter.get()
+                if meter is not None and isinstance(reply.get("prompt_tokens"), int):  # embeddings
+                    await meter.usage(reply["prompt_tokens"], 0)
+                return reply
             error = _error_from(response.content, response.status_code)
             if response.status_code not in _RETRYABLE_STATUS:
                 raise error
             self.router.count_failover(model, "overloaded")
             last_error = error
         raise last_error or ServiceUnavailable(f"no worker could serve '{model}'")
+
+
+async def _report(meter: Meter, event: dict[str, Any]) -> None:
+    if "usage" in event:
+        await meter.usage(event["usage"]["prompt_tokens"], event["usage"]["completion_tokens"])
+    elif "tokens" in event:
+        meter.generated(event["tokens"])
 
 
 async def _ndjson_batches(response: httpx.Response) -> AsyncIterator[list[bytes]]:

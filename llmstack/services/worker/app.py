@@ -152,15 +152,21 @@ class WorkerService:
         echo_text: str | None,
         tracker: RequestTracker,
         tools: ToolSpec | None = None,
+        *,
+        priority: int = 0,
+        report_prompt: bool = False,
     ) -> AsyncIterator[bytes]:
-        """NDJSON events for all `n` choices, then the usage line; errors become an error line."""
+        """NDJSON events for all `n` choices, then the usage line; errors become an error line.  With
+        `report_prompt`, the prompt's token count goes first, before the request waits for a slot."""
+        if report_prompt:
+            yield _line({"prompt_tokens": len(prompt_ids)})
         completion_tokens = 0
         self.served += 1
         readers = self.readers(tools, params.n)
         # echo text goes first; with prompt logprobs it waits for them (they come with the first chunk)
         echo_waiting = set(range(params.n)) if echo_text is not None and params.prompt_logprobs is not None else set()
         try:
-            async with self.admission.slot():
+            async with self.admission.slot(priority):
                 if echo_text is not None and not echo_waiting:
                     for i in range(params.n):
                         yield _line({"index": i, "text": echo_text, "tokens": 0})
@@ -405,7 +411,9 @@ def build_worker_app(settings: WorkerSettings, engine: Engine) -> FastAPI:
         if service.admission.full:
             raise Overloaded(f"worker queue is full ({service.admission.max_queue} waiting)")
         echo = (req.prompt or "") if req.echo else None
-        stream = service.stream(prompt_ids, params, echo, tracker, req.tools)
+        stream = service.stream(
+            prompt_ids, params, echo, tracker, req.tools, priority=req.priority, report_prompt=req.report_prompt_tokens
+        )
         return StreamingResponse(stream, media_type="application/x-ndjson")
 
     @app.post("/embeddings", dependencies=[Depends(require_token)])
