@@ -37,6 +37,7 @@ from llmstack.stack.plan import (
     build_specs,
     exposure_warnings,
     is_local_model,
+    key_warnings,
     masked_config,
     policy_of,
     preflight,
@@ -105,11 +106,13 @@ def up(
             "stop it first with `llmstack down`",
             EXIT_ENV,
         )
-    specs = build_specs(cfg, roles, None)
+    specs = build_specs(cfg, roles, None, rd.root)
     planned = stack_secrets(cfg, rd, roles, generate=False)
     warnings = exposure_warnings(cfg, specs, planned)
     if warnings:  # before any other failure, so they are seen on every attempt
         err.print(Panel("\n".join(warnings), title="[bold]exposed without protection[/]", border_style="bold red"))
+    for warning in key_warnings(cfg):
+        err.print(f"warning: {warning}", markup=False)
     if "workers" in roles and not cfg.controller.local and "LLMSTACK_CLUSTER_TOKEN" not in planned:
         err.print(
             "note: no cluster token set; if the remote controller requires one, set LLMSTACK_CLUSTER_TOKEN",
@@ -134,7 +137,7 @@ def up(
         except DownloadError as exc:
             fail(str(exc), EXIT_FAILED)
         timings["resolve_models"] = round(time.monotonic() - t0, 3)
-    specs = build_specs(cfg, roles, paths)
+    specs = build_specs(cfg, roles, paths, rd.root)
     plan = Plan(
         stack=cfg.stack.name,
         config_path=str(cfg.source_path) if cfg.source_path else None,
@@ -298,6 +301,7 @@ def config_check(
         "config": str(cfg.source_path),
         "run_dir": str(run_dir_for(cfg)),
         **masked_config(cfg),
+        "warnings": key_warnings(cfg),
         "services": [
             {
                 "name": s.name,
@@ -315,6 +319,8 @@ def config_check(
         console.print_json(json.dumps(resolved))
         return
     console.print(f"[green]✓[/] {cfg.source_path} is valid (stack {cfg.stack.name!r}, run dir {resolved['run_dir']})")
+    for warning in key_warnings(cfg):
+        err.print(f"warning: {warning}", markup=False)
     t = Table(title="services", title_justify="left")
     for col in ("service", "address", "health check", "models"):
         t.add_column(col)

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llmstack.services.api.keys.rules import KeyRule, check_unique, flat_rules
+
 DEFAULT_CONFIG = "stack.toml"
 FIRST_WORKER_PORT = 21002
 
@@ -202,17 +204,38 @@ class APISection(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: Port = 8000
-    api_keys: list[str] = Field(default_factory=list)
+    api_keys: list[str] = Field(default_factory=list, description="plain keys: any model, no limits")
+    keys: list[KeyRule] = Field(default_factory=list, description="named keys with models and limits")
+    keys_file: str | None = Field(None, description="more named keys, reloaded while running (TOML or .json)")
     sync_interval: float = Field(1.0, gt=0)
     request_timeout: float = Field(600.0, gt=0)
     stream_timeout: float = Field(60.0, gt=0, description="longest silence from a worker mid-stream")
     ssl: TLS = TLS()
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> APISection:
+        check_unique([*flat_rules(self.api_keys), *self.keys])
+        return self
 
     @property
     def url(self) -> str:
         scheme = "https" if self.ssl.certfile else "http"
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"{scheme}://{host}:{self.port}"
+
+    @property
+    def keys_required(self) -> bool:
+        return bool(self.api_keys or self.keys or self.keys_file)
+
+    def client_key(self) -> str | None:
+        """The key this stack's own clients (web UI, chat) present: the first plain key, else the named key
+        called "webui", else the first named key given in full (a key_sha256 cannot be presented)."""
+        if self.api_keys:
+            return self.api_keys[0]
+        usable = [k for k in self.keys if k.key is not None]
+        for rule in sorted(usable, key=lambda k: k.name != "webui"):
+            return rule.key.get_secret_value() if rule.key is not None else None
+        return None
 
     def args(self, controller_url: str) -> list[str]:
         return [
@@ -316,6 +339,9 @@ class StackConfig(_Section):
         return out
 
 
+_SECRET_FIELDS = {"key", "key_sha256", "api_keys", "cluster_token", "auth"}  # never echoed in an error
+
+
 def _format_errors(path: str, exc: ValidationError, raw: dict[str, Any]) -> str:
     lines = [f"{path}: invalid configuration"]
     for err in exc.errors():
@@ -325,7 +351,12 @@ def _format_errors(path: str, exc: ValidationError, raw: dict[str, Any]) -> str:
             section = err["loc"][:-1]
             allowed = _allowed_keys(section)
             msg = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
-        elif "input" in err and not isinstance(err["input"], dict) and err["type"] != "missing":
+        elif (
+            "input" in err
+            and not isinstance(err["input"], dict)
+            and err["type"] != "missing"
+            and not _SECRET_FIELDS & {str(p) for p in err["loc"]}
+        ):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"  {loc or '(top level)'}: {msg}")
     return "\n".join(lines)

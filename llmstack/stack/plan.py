@@ -6,8 +6,10 @@ The plan is written to the run directory (without secrets) and is all the superv
 from __future__ import annotations
 
 import enum
+import json
 import os
 import sys
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -16,10 +18,13 @@ from llmstack.stack.config import DEFAULT_CONFIG, ConfigError, StackConfig
 from llmstack.stack.rundir import (
     Role,
     RunDir,
+    run_dir_for,
 )
 
 #: Environment variables that carry secrets; children get only those their spec grants.
-SECRET_ENV = ("LLMSTACK_CLUSTER_TOKEN", "LLMSTACK_API_KEYS", "LLMSTACK_API_KEY", "LLMSTACK_WEBUI_AUTH")
+SECRET_ENV = (
+    "LLMSTACK_CLUSTER_TOKEN", "LLMSTACK_API_KEYS", "LLMSTACK_API_KEY_RULES", "LLMSTACK_API_KEY", "LLMSTACK_WEBUI_AUTH",
+)  # fmt: skip
 
 
 class ServiceSpec(BaseModel):
@@ -165,8 +170,11 @@ def selected_roles(cfg: StackConfig, only: list[RoleName] | None) -> list[str]:
     return [r for r in ("controller", "workers", "api", "webui") if r in wanted]
 
 
-def build_specs(cfg: StackConfig, roles: list[str], model_paths: list[Path] | None) -> list[ServiceSpec]:
-    """Command lines, ports and health URLs of the services; `model_paths=None` shows model ids instead."""
+def build_specs(
+    cfg: StackConfig, roles: list[str], model_paths: list[Path] | None, run_dir: Path | None = None
+) -> list[ServiceSpec]:
+    """Command lines, ports and health URLs of the services; `model_paths=None` shows model ids instead.
+    The API server keeps its state (usage) in the run directory (`run_dir`, default from the file)."""
     py = [service_python(cfg), "-m", "llmstack"]
     controller_url = cfg.controller.url
     drain = ["--drain-timeout", f"{cfg.stack.drain_timeout:g}"]
@@ -211,17 +219,20 @@ def build_specs(cfg: StackConfig, roles: list[str], model_paths: list[Path] | No
     if "api" in roles:
         a = cfg.api
         url = service_url(a.host, a.port, bool(a.ssl.certfile))
+        state = ["--state-dir", str(run_dir or run_dir_for(cfg))]
+        if a.keys_file:
+            state += ["--keys-file", str(cfg.resolve_path(a.keys_file))]
         specs.append(
             ServiceSpec(
                 name="api",
                 role="api",
-                argv=[*py, "api", *a.args(controller_url), *drain],
+                argv=[*py, "api", *a.args(controller_url), *state, *drain],
                 host=a.host,
                 port=a.port,
                 url=url,
                 health_url=f"{url}/health",
                 expect_models=served,
-                secret_env=["LLMSTACK_CLUSTER_TOKEN", "LLMSTACK_API_KEYS"],
+                secret_env=["LLMSTACK_CLUSTER_TOKEN", "LLMSTACK_API_KEYS", "LLMSTACK_API_KEY_RULES"],
             )
         )
     if "webui" in roles:
@@ -270,9 +281,11 @@ def stack_secrets(cfg: StackConfig, rd: RunDir, roles: list[str], *, generate: b
     keys = cfg.api.api_keys or [k for k in os.environ.get("LLMSTACK_API_KEYS", "").split(",") if k.strip()]
     if keys:
         out["LLMSTACK_API_KEYS"] = ",".join(keys)
-        out["LLMSTACK_API_KEY"] = keys[0]
-    elif os.environ.get("LLMSTACK_API_KEY"):
-        out["LLMSTACK_API_KEY"] = os.environ["LLMSTACK_API_KEY"]
+    if cfg.api.keys:
+        out["LLMSTACK_API_KEY_RULES"] = json.dumps([rule.env_entry() for rule in cfg.api.keys])
+    client_key = keys[0] if keys else cfg.api.client_key() or os.environ.get("LLMSTACK_API_KEY")
+    if client_key:  # what the web UI presents
+        out["LLMSTACK_API_KEY"] = client_key
     auth = ",".join(cfg.webui.auth) or os.environ.get("LLMSTACK_WEBUI_AUTH", "")
     if auth:
         out["LLMSTACK_WEBUI_AUTH"] = auth
@@ -307,7 +320,7 @@ def exposure_warnings(cfg: StackConfig, specs: list[ServiceSpec], secrets: dict[
         if is_loopback(spec.host):
             continue
         where = f"{spec.name} listens on {spec.host}:{spec.port}"
-        if spec.role == "api" and not secrets.get("LLMSTACK_API_KEYS"):
+        if spec.role == "api" and not (secrets.get("LLMSTACK_API_KEYS") or cfg.api.keys_required):
             out.append(f"{where} without API keys: anyone who can reach it can use your models ([api] api_keys)")
         elif spec.role == "controller" and not secrets.get("LLMSTACK_CLUSTER_TOKEN"):
             out.append(f"{where} without a cluster token: anyone can register workers")
@@ -323,5 +336,31 @@ def masked_config(cfg: StackConfig) -> dict:
     if data["stack"].get("cluster_token"):
         data["stack"]["cluster_token"] = "***"
     data["api"]["api_keys"] = ["***" for _ in data["api"]["api_keys"]]
+    for rule in data["api"]["keys"]:
+        for secret in ("key", "key_sha256"):
+            if rule.get(secret):
+                rule[secret] = "***"
     data["webui"]["auth"] = [a.split(":", 1)[0] + ":***" for a in data["webui"]["auth"]]
     return data
+
+
+def keys_required(plan: Plan, secrets: dict[str, str]) -> bool:
+    """Whether the stack's API server asks clients for a key."""
+    if "LLMSTACK_API_KEYS" in secrets or "LLMSTACK_API_KEY_RULES" in secrets:
+        return True
+    return any(s.role == "api" and "--keys-file" in s.argv for s in plan.services)
+
+
+def key_warnings(cfg: StackConfig) -> list[str]:
+    """Model patterns of `[[api.keys]]` that match none of the models this stack serves (a typo, or a model
+    served by another machine): not refused, since requests for such a model just answer 404."""
+    served = [name for m in cfg.models for name in m.served_names]
+    if not served:
+        return []
+    return [
+        f"[[api.keys]] {rule.name!r}: model pattern {glob!r} matches none of the served models "
+        f"({', '.join(served)}); its requests for it will get 404"
+        for rule in cfg.api.keys
+        for glob in rule.models
+        if not any(fnmatchcase(name, glob) for name in served)
+    ]
