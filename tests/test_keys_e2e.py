@@ -425,3 +425,80 @@ def test_bad_keys_at_start_and_unknown_models(keyed: KeyedStack, api: str) -> No
     with pytest.raises(openai.NotFoundError):
         client(api, "typo").chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1)
     assert not any(secret in log for secret in KEYS.values())
+
+
+# -- through `llmstack up` --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_stack_with_named_keys_and_a_keys_file(tmp_path: Path, tiny_model_dir: Path) -> None:
+    ports = {name: free_port() for name in ("controller", "worker", "api")}
+    colleague = "sk-colleague-8e21"
+    keys_file = tmp_path / "team-keys.toml"
+    keys_file.write_text('[[keys]]\nname = "ann"\nkey = "sk-ann-from-file"\n')
+    config = tmp_path / "stack.toml"
+    config.write_text(
+        f"""
+[stack]
+name = "keys-e2e"
+run_dir = "run"
+drain_timeout = 2
+start_timeout = 180
+
+[controller]
+port = {ports["controller"]}
+heartbeat_expiry = 3
+
+[[models]]
+model = "{tiny_model_dir}"
+source = "local"
+names = ["tiny", "tiny-b"]
+device = "cpu"
+port = {ports["worker"]}
+heartbeat_interval = 0.5
+
+[api]
+port = {ports["api"]}
+sync_interval = 0.2
+keys_file = "team-keys.toml"
+
+[[api.keys]]
+name = "colleague"
+key = "{colleague}"
+models = ["tiny"]
+rpm = 100
+
+[webui]
+enabled = false
+"""
+    )
+    check = run_llmstack("config", "check", "--json", "-c", str(config))
+    assert check.returncode == 0, check.stderr
+    assert colleague not in check.stdout and "sk-ann-from-file" not in check.stdout
+    assert json.loads(check.stdout)["warnings"] == []
+    up = run_llmstack("up", "--detach", "-c", str(config), timeout=300)
+    url = f"http://127.0.0.1:{ports['api']}"
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "Authorization: Bearer $LLMSTACK_API_KEY" in up.stdout  # the hint knows keys are required
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key=colleague, max_retries=0)
+        assert c.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2).usage is not None
+        with pytest.raises(openai.NotFoundError):
+            c.chat.completions.create(model="tiny-b", messages=MESSAGES, max_tokens=2)
+        assert _refused_within(url, "sk-ann-from-file", 200) < 0.5
+        keys_file.write_text('[[keys]]\nname = "bea"\nkey = "sk-bea-from-file"\n')  # while the stack runs
+        assert _refused_within(url, "sk-ann-from-file", 401) <= 2.0
+        assert _refused_within(url, "sk-bea-from-file", 200) <= 2.0
+        usage = run_llmstack("usage", "-c", str(config), "--json", "--key", "colleague")
+        assert usage.returncode == 0, usage.stderr
+        rows = json.loads(usage.stdout)["rows"]
+        assert [(r["model"], r["requests"], r["errors"]) for r in rows] == [("tiny", 1, 0), ("tiny-b", 1, 1)]
+        table = run_llmstack("usage", "-c", str(config))
+        assert table.returncode == 0 and "colleague" in table.stdout and "completion tokens" in table.stdout
+        import psutil
+
+        for proc in psutil.process_iter(["cmdline"]):
+            assert colleague not in " ".join(proc.info["cmdline"] or [])
+    finally:
+        down = run_llmstack("down", "-c", str(config), "--timeout", "2", timeout=120)
+        assert down.returncode == 0, down.stdout + down.stderr
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "run" / "logs").glob("*.log"))
+    assert colleague not in logs and "sk-ann-from-file" not in logs and "key=colleague" in logs
