@@ -8,16 +8,19 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 
 from llmstack.cli.usage import parse_since
 from llmstack.common.errors import Overloaded, RateLimited
+from llmstack.services.api.keys.journal import segments
 from llmstack.services.api.keys.limits import KeyLimits, format_duration
 from llmstack.services.api.keys.ring import KeyRing
 from llmstack.services.api.keys.rules import KeyRule, KeysFileError, flat_rules, parse_keys_file, rules_from_env
-from llmstack.services.api.keys.usage import Usage, UsageStore, read_usage
+from llmstack.services.api.keys.usage import StateDirInUse, Usage, UsageStore, read_usage
 from llmstack.services.worker.admission import Admission
 from llmstack.stack.config import ConfigError, parse_config
 from llmstack.stack.plan import build_specs, key_warnings, masked_config, selected_roles, stack_secrets
@@ -154,22 +157,39 @@ def test_durations_as_openai_writes_them() -> None:
 
 
 # -- usage store ---------------------------------------------------------------------------------------------
-def test_usage_store_group_commits_and_reads(tmp_path: Path) -> None:
-    store = UsageStore(tmp_path)
-
-    async def many() -> None:
-        await asyncio.gather(*(store.record(Usage("a", "m", 1, i % 2, 10, 5)) for i in range(200)))
-        store.record_nowait(Usage("b", "m", 1, 1))
-
-    asyncio.run(many())
-    committed = read_usage(store.path)  # awaited increments are in the file before record() returns
-    assert committed[0] == {"day": committed[0]["day"], "key": "a", "model": "m", "requests": 200, "errors": 100,
-                            "prompt_tokens": 2000, "completion_tokens": 1000}  # fmt: skip
-    assert store.commits < 200  # grouped
-    store.close()
-    assert [r["key"] for r in read_usage(store.path)] == ["a", "b"]
-    assert read_usage(store.path, key="b")[0]["errors"] == 1
-    assert read_usage(store.path, since="2999-01-01") == []
+def test_usage_store_journals_at_once_commits_in_groups_and_recovers(tmp_path: Path) -> None:
+    store = UsageStore(tmp_path, commit_interval=0.05, segment_bytes=2000)  # small segments: rotation too
+    for i in range(200):
+        store.record(Usage("a", "m", 1, i % 2, 10, 5))
+    store.record(Usage("b", "m", 1, 1))
+    expected = {
+        "key": "a",
+        "model": "m",
+        "requests": 200,
+        "errors": 100,
+        "prompt_tokens": 2000,
+        "completion_tokens": 1000,
+    }
+    rows = read_usage(store.path)  # exact at once: the database plus the journal lines it does not hold yet
+    assert {k: rows[0][k] for k in expected} == expected and rows[1]["key"] == "b"
+    with pytest.raises(StateDirInUse):
+        UsageStore(tmp_path)
+    time.sleep(0.3)
+    assert 1 <= store.commits < 20 and len(segments(tmp_path)) <= 2  # grouped; applied segments deleted
+    assert read_usage(store.path) == rows
+    # a server killed before its writer caught up: the journal's lines are recovered at the next start
+    store._stop.set()  # noqa: SLF001 - the writer stops as if killed; nothing more reaches the database
+    store._thread.join()  # noqa: SLF001
+    store.record(Usage("c", "m", 1, 0, 7, 3))
+    os.close(store._lock)  # noqa: SLF001 - what the kernel does when the process dies
+    assert read_usage(store.path, key="c")[0]["prompt_tokens"] == 7  # the reader sees journal lines too
+    again = UsageStore(tmp_path)
+    assert [r["key"] for r in read_usage(again.path)] == ["a", "b", "c"]
+    assert read_usage(again.path, key="c")[0]["completion_tokens"] == 3
+    again.record(Usage("c", "m", 1, 0, 1, 1))
+    again.close()
+    assert read_usage(again.path, key="c")[0]["requests"] == 2 and segments(tmp_path) == []
+    assert read_usage(again.path, since="2999-01-01") == []
     assert parse_since("7d", dt.date(2026, 3, 10)) == "2026-03-04" and parse_since("today", dt.date(2026, 3, 10))
     with pytest.raises(ValueError):
         parse_since("last week")

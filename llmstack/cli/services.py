@@ -429,6 +429,7 @@ def api(
     from llmstack.common.http import is_loopback, parse_keys, serve, setup_logging
     from llmstack.services.api.app import APISettings, build_api_app
     from llmstack.services.api.keys.rules import KeysFileError, rules_from_env
+    from llmstack.services.api.keys.usage import StateDirInUse
 
     tls = _tls(ssl, ssl_certfile, ssl_keyfile)
     setup_logging("api", debug=debug)
@@ -457,7 +458,7 @@ def api(
     )
     try:
         app = build_api_app(settings)
-    except KeysFileError as exc:
+    except (KeysFileError, StateDirInUse, OSError) as exc:
         fail(str(exc))
     serve(app, host=host, port=port, tls=tls, drain_timeout=drain_timeout)
 

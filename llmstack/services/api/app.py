@@ -60,8 +60,10 @@ def _endpoint(path: str) -> str | None:
 
 
 def build_api_app(settings: APISettings) -> FastAPI:
-    """The app; raises `KeysFileError` when the keys cannot be used (before anything is served)."""
+    """The app; raises `KeysFileError` when the keys cannot be used and `StateDirInUse` when another server
+    records usage in the state directory (before anything is served)."""
     source = KeysSource([*flat_rules(settings.api_keys), *settings.key_rules], settings.keys_file)
+    store = UsageStore(settings.state_dir) if settings.state_dir is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -89,7 +91,6 @@ def build_api_app(settings: APISettings) -> FastAPI:
         app.state.chat = ChatCompletions(workers)
         app.state.completions = TextCompletions(workers)
         app.state.embeddings = Embeddings(workers)
-        store = UsageStore(settings.state_dir) if settings.state_dir is not None else None
         app.state.keys = KeyService(source, store, lambda: router.by_model)
         tasks = [asyncio.create_task(router.run()), asyncio.create_task(app.state.keys.run())]
         try:

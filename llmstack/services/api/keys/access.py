@@ -94,7 +94,7 @@ class KeyService:
         key.limits.stats.requests += 1
         key.limits.stats.errors += 1
         if self.store is not None:
-            self.store.record_nowait(Usage(key.name, model, requests=1, errors=1))
+            self.store.record(Usage(key.name, model, requests=1, errors=1))
 
     # -- in the background -----------------------------------------------------------------------------------
     async def run(self) -> None:

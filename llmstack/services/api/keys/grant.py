@@ -2,8 +2,8 @@
 
 The worker hop (`upstream.WorkerStream`) reports to the request's `Grant` through `current_meter`: the
 prompt's token count as soon as the worker knows it (a first NDJSON event the grant asks for when the key
-has a token limit), completion tokens as they stream, and each stream's final usage, which is committed to
-the usage store before the hop passes it on (so before the client can see it)."""
+has a token limit), completion tokens as they stream, and each stream's final usage, which is recorded in
+the usage store (durably) before the hop passes it on, so before the client can see it."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ class Grant:
         limits.stats.completion_tokens += completion_tokens
         self.prompted = True
         first, self.recorded = not self.recorded, True
-        if self.store is not None:
-            await self.store.record(Usage(self.key.name, self.model, int(first), 0, prompt_tokens, completion_tokens))
+        if self.store is not None:  # durable when this returns: before the usage reaches the client
+            self.store.record(Usage(self.key.name, self.model, int(first), 0, prompt_tokens, completion_tokens))
 
     # -- end ---------------------------------------------------------------------------------------------------
     def close(self, status: int) -> None:
@@ -72,7 +72,7 @@ class Grant:
             limits.stats.errors += 1
         left = self.pending_prompt or self.pending_completion
         if self.store is not None and (error or left or not self.recorded):
-            self.store.record_nowait(
+            self.store.record(
                 Usage(
                     self.key.name,
                     self.model,

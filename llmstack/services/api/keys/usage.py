@@ -1,19 +1,23 @@
 """Usage per key, model and day (UTC) in SQLite: requests, errors, prompt and completion tokens.
 
-One writer thread owns the connection (WAL journal).  Requests hand it increments through a queue; it
-takes everything queued, adds it up, commits it in one transaction and only then wakes the requests that
-wait for it (`await record(...)`): a group commit, so the event loop never blocks on the disk and the
-cost per request is one queue put and one wake-up.  A response's usage is committed before the response
-ends, so whatever a client was told survives a crash of the server (`synchronous=NORMAL` in WAL mode: a
-commit survives the process being killed; only a power loss can take the last commits).
+`record(usage)` writes the increment to the journal (`journal.py`) and queues it for the writer thread;
+once it returns, the increment survives the server being killed.  The grant records a response's usage
+before the response's last part is passed on, so whatever a client was told is durable.  The writer
+thread owns the database connection (WAL journal): every `commit_interval` seconds it adds up what was
+queued, commits it in one transaction together with the journal position it reached, and deletes
+journal segments that are wholly in the database.  At start, journal lines the database does not hold
+yet (the server was killed) are folded in first.
 
-`llmstack usage` reads the same file (read-only) while the server runs."""
+`read_usage` (for `llmstack usage`) reads the database read-only and adds the journal lines it does not
+hold yet, so it is exact while the server runs and after a crash."""
 
 from __future__ import annotations
 
-import asyncio
+import collections
+import contextlib
+import fcntl
 import logging
-import queue
+import os
 import sqlite3
 import threading
 import time
@@ -21,6 +25,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from llmstack.services.api.keys.journal import Entry, Journal, read_entries, segments
 
 log = logging.getLogger("llmstack.api.usage")
 
@@ -38,6 +44,8 @@ CREATE TABLE IF NOT EXISTS usage (
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (day, key, model)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal (id INTEGER PRIMARY KEY CHECK (id = 1), applied_seq INTEGER NOT NULL);
+INSERT OR IGNORE INTO journal (id, applied_seq) VALUES (1, 0);
 PRAGMA user_version = 1;
 """
 _UPSERT = """
@@ -62,9 +70,6 @@ class Usage:
     completion_tokens: int = 0
 
 
-_Item = tuple[Usage, asyncio.AbstractEventLoop | None, asyncio.Future[None] | None]
-
-
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -72,104 +77,163 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-class UsageStore:
-    """The writer: `await record(usage)` returns once the increment is committed."""
+def _totals(entries: Iterable[Entry]) -> dict[tuple[str, str, str], list[int]]:
+    totals: dict[tuple[str, str, str], list[int]] = {}
+    for _, day, key, model, *counts in entries:
+        row = totals.setdefault((day, key, model), [0, 0, 0, 0])
+        for i, value in enumerate(counts):
+            row[i] += value
+    return totals
 
-    def __init__(self, state_dir: Path) -> None:
+
+def _apply(conn: sqlite3.Connection, entries: list[Entry]) -> None:
+    """One transaction: the entries' sums and the journal position they reach."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        rows = [(*where, *counts) for where, counts in _totals(entries).items()]
+        conn.executemany(_UPSERT, rows)
+        conn.execute("UPDATE journal SET applied_seq = max(applied_seq, ?)", (max(e[0] for e in entries),))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+class StateDirInUse(RuntimeError):
+    """Another API server records usage in this state directory."""
+
+
+def _lock_state(state_dir: Path) -> int:
+    """An exclusive lock on the state directory's usage, held while the process lives (the kernel drops it
+    when the process dies, however it dies)."""
+    fd = os.open(state_dir / "usage.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateDirInUse(
+            f"{state_dir}: another API server records usage here; give each API server its own --state-dir"
+        ) from None
+    return fd
+
+
+class UsageStore:
+    """The usage database of one state directory, and its single writer."""
+
+    def __init__(self, state_dir: Path, *, commit_interval: float = 0.25, segment_bytes: int = 8 * 2**20) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / USAGE_FILE
+        self.commit_interval = commit_interval
         self.write_errors = 0
         self.commits = 0
-        conn = _connect(self.path)  # here, so a file that cannot be used fails the start, not a request
-        try:
-            conn.executescript(_SCHEMA)
-        finally:
-            conn.close()
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._lock = _lock_state(state_dir)
+        self._conn = _connect(self.path)  # here, so a file that cannot be used fails the start, not a request
+        self._conn.executescript(_SCHEMA)
+        self._seq = self._recover(state_dir)
+        self._journal = Journal(state_dir, segment_bytes)
+        self._queue: collections.deque[Entry | Path] = collections.deque()  # entries, then segments to delete
+        self._day = ("", 0.0)  # the UTC day and when it ends
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
         self._thread.start()
 
-    async def record(self, usage: Usage) -> None:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        self._queue.put((usage, loop, done))
-        await done
+    def _recover(self, state_dir: Path) -> int:
+        """Fold journal lines the database does not hold (the last run was killed); returns the last seq."""
+        (applied,) = self._conn.execute("SELECT applied_seq FROM journal").fetchone()
+        old = segments(state_dir)
+        entries = [e for path in old for e in read_entries(path)]
+        missing = [e for e in entries if e[0] > applied]
+        if missing:
+            _apply(self._conn, missing)
+            log.info("usage: recovered %d increments from the journal", len(missing))
+        for path in old:
+            path.unlink()
+        return max([applied, *(e[0] for e in entries)])
 
-    def record_nowait(self, usage: Usage) -> None:
-        """For increments nobody waits on (a request that failed or whose client left)."""
-        self._queue.put((usage, None, None))
+    def record(self, usage: Usage) -> None:
+        """Durable when this returns (the journal line is written); the database follows within
+        `commit_interval` seconds."""
+        now = time.time()
+        if now >= self._day[1]:
+            midnight = (int(now) // 86400 + 1) * 86400
+            self._day = (time.strftime("%Y-%m-%d", time.gmtime(now)), float(midnight))
+        self._seq += 1
+        entry: Entry = (
+            self._seq, self._day[0], usage.key, usage.model,
+            usage.requests, usage.errors, usage.prompt_tokens, usage.completion_tokens,
+        )  # fmt: skip
+        full = self._journal.append(entry)
+        self._queue.append(entry)
+        if full is not None:
+            self._queue.append(full)  # deleted once the entries before it are committed
 
     def close(self, timeout: float = 10.0) -> None:
-        """Commit what is queued, then stop the writer."""
-        self._queue.put(None)
+        """Commit what is queued, then stop the writer (and drop the journal: it is all in the database)."""
+        self._stop.set()
         self._thread.join(timeout)
+        self._journal.close()
+        if not self._queue and self.write_errors == 0:
+            with contextlib.suppress(OSError):
+                self._journal.path.unlink()
+        self._conn.close()
+        os.close(self._lock)
 
     def _run(self) -> None:
-        conn = _connect(self.path)
-        try:
-            stop = False
-            while not stop:
-                batch = [self._queue.get()]
-                while True:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                items = [item for item in batch if item is not None]
-                stop = len(items) < len(batch)
-                if items:
-                    self._commit(conn, items)
-        finally:
-            conn.close()
+        while not self._stop.wait(self.commit_interval):
+            self._drain()
+        self._drain()
 
-    def _commit(self, conn: sqlite3.Connection, items: list[_Item]) -> None:
-        day = time.strftime("%Y-%m-%d", time.gmtime())
-        totals: dict[tuple[str, str], list[int]] = {}
-        for usage, _, _ in items:
-            row = totals.setdefault((usage.key, usage.model), [0, 0, 0, 0])
-            row[0] += usage.requests
-            row[1] += usage.errors
-            row[2] += usage.prompt_tokens
-            row[3] += usage.completion_tokens
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(_UPSERT, [(day, key, model, *counts) for (key, model), counts in totals.items()])
-            conn.execute("COMMIT")
-            self.commits += 1
-        except sqlite3.Error as exc:  # accounting must not take serving down with it: log, count, go on
-            self.write_errors += 1
-            log.error("could not record usage in %s: %s", self.path, exc)
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-        waiting: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-        for _, loop, done in items:
-            if loop is not None and done is not None:
-                waiting.setdefault(loop, []).append(done)
-        for loop, futures in waiting.items():
+    def _drain(self) -> None:
+        taken: list[Entry | Path] = []
+        with contextlib.suppress(IndexError):
+            while True:
+                taken.append(self._queue.popleft())
+        entries = [e for e in taken if not isinstance(e, Path)]
+        if entries:
             try:
-                loop.call_soon_threadsafe(_wake, futures)
-            except RuntimeError:  # the loop has closed: nobody waits any more
-                pass
-
-
-def _wake(futures: Iterable[asyncio.Future[None]]) -> None:
-    for done in futures:
-        if not done.done():  # a request cancelled meanwhile has a cancelled future
-            done.set_result(None)
+                _apply(self._conn, entries)
+                self.commits += 1
+            except sqlite3.Error as exc:  # accounting must not take serving down: the journal keeps them
+                self.write_errors += 1
+                log.error("could not record usage in %s (kept in the journal): %s", self.path, exc)
+                self._queue.extendleft(reversed(taken))
+                return
+        for path in taken:
+            if isinstance(path, Path):
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
 
 def read_usage(path: Path, *, since: str | None = None, key: str | None = None) -> list[dict[str, Any]]:
-    """Rows (day, key, model and the counts) from a usage file, oldest first; read-only, safe while the
-    server writes.  `since` is a day, YYYY-MM-DD (UTC)."""
+    """Rows (day, key, model and the counts) of a usage file and its journal, oldest first; read-only and
+    safe while the server writes.  `since` is a day, YYYY-MM-DD (UTC)."""
+    for _ in range(5):  # a journal segment deleted while it was being read: read again
+        try:
+            totals = _read_once(path)
+            break
+        except FileNotFoundError:
+            continue
+    else:
+        totals = _read_once(path)
+    names = ("day", "key", "model", *COUNTS)
+    rows = [dict(zip(names, (*where, *counts), strict=True)) for where, counts in sorted(totals.items())]
+    return [r for r in rows if r["day"] >= (since or "") and (key is None or r["key"] == key)]
+
+
+def _read_once(path: Path) -> dict[tuple[str, str, str], list[int]]:
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
     try:
-        query = f"SELECT day, key, model, {', '.join(COUNTS)} FROM usage WHERE day >= ?"
-        args: list[str] = [since or ""]
-        if key is not None:
-            query += " AND key = ?"
-            args.append(key)
-        rows = conn.execute(query + " ORDER BY day, key, model", args).fetchall()
+        conn.execute("BEGIN")  # one snapshot: the rows and the journal position they include
+        rows = conn.execute(f"SELECT day, key, model, {', '.join(COUNTS)} FROM usage").fetchall()
+        (applied,) = conn.execute("SELECT applied_seq FROM journal").fetchone()
+        conn.execute("COMMIT")
     finally:
         conn.close()
-    names = ("day", "key", "model", *COUNTS)
-    return [dict(zip(names, row, strict=True)) for row in rows]
+    totals = {(day, k, model): list(counts) for day, k, model, *counts in rows}
+    pending = [e for seg in segments(path.parent) for e in read_entries(seg) if e[0] > applied]
+    for where, counts in _totals(pending).items():
+        row = totals.setdefault(where, [0, 0, 0, 0])
+        for i, value in enumerate(counts):
+            row[i] += value
+    return totals
