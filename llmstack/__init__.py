@@ -11,10 +11,11 @@ Four kinds of process, each a FastAPI app started by `llmstack <service>` (or by
 
 Two flows
 ---------
-A chat request: `services/api/app.py` (auth, validation into `protocol.py`) -> `chat.py` builds the worker
-body -> `upstream.py` picks a worker from `routing.py` (synced from the controller in the background) and
-streams `/generate` -> `services/worker/app.py` renders and tokenises the prompt, checks the budget,
-admits it (`admission.py`) -> the engine streams `Chunk`s -> NDJSON events (`common/wire.py`) -> SSE chunks.
+A chat request: `services/api/app.py` (key, models and limits in `keys/`, validation into `protocol.py`) ->
+`chat.py` builds the worker body -> `upstream.py` picks a worker from `routing.py` (synced from the controller
+in the background) and streams `/generate`, reporting tokens to the key's grant -> `services/worker/app.py`
+renders and tokenises the prompt, checks the budget, admits it (`admission.py`, by priority) -> the engine
+streams `Chunk`s -> NDJSON events (`common/wire.py`) -> SSE chunks; the usage is recorded before the last one.
 
 `llmstack up`: `cli/stack.py` -> `stack/config.py` (validate) -> `stack/plan.py` (roles, ports, command lines,
 secrets, preflight) -> `stack/models.py` (resolve/download) -> `stack/control.py` (foreground or detached)

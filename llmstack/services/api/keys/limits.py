@@ -164,7 +164,7 @@ class KeyLimits:
                 level = bucket.refill(now)
                 out[f"x-ratelimit-limit-{suffix}"] = str(int(bucket.capacity))
                 out[f"x-ratelimit-remaining-{suffix}"] = str(max(0, math.floor(level)))
-                out[f"x-ratelimit-reset-{suffix}"] = format_duration(bucket.reset_in(now))
+                out[f"x-ratelimit-reset-{suffix}"] = format_duration((bucket.capacity - level) / bucket.rate)
         return out
 
     def _message(self, kind: str, requested: int) -> str:
