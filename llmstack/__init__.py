@@ -18,8 +18,8 @@ renders and tokenises the prompt, checks the budget, admits it (`admission.py`, 
 streams `Chunk`s -> NDJSON events (`common/wire.py`) -> SSE chunks; the usage is recorded before the last one.
 
 `llmstack up`: `cli/stack.py` -> `stack/config.py` (validate) -> `stack/plan.py` (roles, ports, command lines,
-secrets, preflight) -> `stack/models.py` (resolve/download) -> `stack/control.py` (foreground or detached)
--> `stack/supervisor.py` (spawn via `children.py`, health-gate, restart, stop in tiers) writing
+secrets, preflight) -> `stack/models/` (resolve, cache first, then download) -> `stack/control.py` (foreground or
+detached) -> `stack/supervisor.py` (spawn via `children.py`, health-gate, restart, stop in tiers) writing
 `stack/rundir.py` state that `status`, `logs` and `down` read from any shell.
 
 The layer rule
