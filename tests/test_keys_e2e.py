@@ -293,7 +293,7 @@ def test_priority_orders_the_workers_queue(api: str) -> None:
 
     async def scenario() -> None:
         async with httpx.AsyncClient(timeout=120) as c:
-            await asyncio.gather(one(c, PLAIN, 0, 1000), one(c, "low", 0.3, 5), one(c, "high", 0.6, 5))
+            await asyncio.gather(one(c, PLAIN, 0, 500), one(c, "low", 0.2, 5), one(c, "high", 0.4, 5))
 
     asyncio.run(scenario())
     assert finished == [PLAIN, "high", "low"]
