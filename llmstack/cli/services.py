@@ -156,7 +156,10 @@ def _with_local_model(options: WorkerOptions) -> WorkerOptions:
     return options.model_copy(update={"model": os.path.expanduser(path), "names": options.served_names})
 
 
-@commands.command(epilog="Example: llmstack api --port 8000 --api-keys sk-one,sk-two")
+@commands.command(
+    epilog="Examples: llmstack api --port 8000 --api-keys sk-one,sk-two  |  "
+    "llmstack api --keys-file team-keys.toml --state-dir /srv/llm/state"
+)
 def api(
     host: Host = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -199,7 +202,7 @@ def api(
     /v1/embeddings).
 
     Keys: --api-keys (plain, unlimited), --keys-file (named, with models and limits), and the stack's
-    [[api.keys]] in LLMSTACK_API_KEY_RULES (JSON).  With --state-dir, usage per key, model and day is
+    \\[\\[api.keys]] in LLMSTACK_API_KEY_RULES (JSON).  With --state-dir, usage per key, model and day is
     recorded in STATE_DIR/usage.db (`llmstack usage --run-dir STATE_DIR`)."""
     from llmstack.common.http import is_loopback, parse_keys, serve, setup_logging
     from llmstack.services.api.app import APISettings, build_api_app
