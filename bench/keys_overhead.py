@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -94,6 +95,7 @@ def measure(requests: int, root: Path) -> tuple[dict[str, list[float]], dict[str
         }
         body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 1, "temperature": 0}
         timings: dict[str, list[float]] = {name: [] for name in servers}
+        shuffle = random.Random(16)
         with httpx.Client(timeout=30) as client:
             for name in servers:  # the routing tables must know the model
                 url, k = servers[name]
@@ -104,10 +106,11 @@ def measure(requests: int, root: Path) -> tuple[dict[str, list[float]], dict[str
                         raise RuntimeError(f"{name}: no model after 30 s")
                     time.sleep(0.2)
             cpu: dict[str, float] = {}
-            for i in range(30 + requests):  # warm-up, then alternate so drift hits every server alike
+            for i in range(30 + requests):  # warm-up, then rounds: drift hits every server alike
                 if i == 30:
                     cpu = {name: _cpu(PIDS[servers[name][0]]) for name in servers}
-                order = list(servers) if i % 2 == 0 else list(reversed(servers))
+                order = list(servers)
+                shuffle.shuffle(order)  # a fresh order each round: no server keeps a place in it
                 for name in order:
                     url, k = servers[name]
                     headers = {"Authorization": f"Bearer {k}"} if k else {}
