@@ -181,7 +181,7 @@ def _plot(timings: dict[str, list[float]], base: float, path: Path) -> None:
     ax.set_xticks(range(1, len(CONFIGS) + 1), [c.replace(" + ", "\n+ ") for c in CONFIGS])
     ax.axhline(base + TARGET_MS, color="tab:red", linestyle="--", linewidth=1, label=f"plain median + {TARGET_MS} ms")
     ax.set_ylabel("latency of a 1-token chat completion (ms)")
-    ax.set_title("API server with and without named keys (same run, alternating)")
+    ax.set_title("API server with and without named keys (same run, servers in a random order each round)")
     ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
