@@ -4,6 +4,7 @@ terminals).  Thin: parse flags, build settings, call into `llmstack.services`.""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -107,6 +108,14 @@ def worker(
     ] = None,
     controller_address: ControllerAddress = "http://127.0.0.1:21001",
     revision: Annotated[str | None, typer.Option(help="Model revision (branch, tag or commit).")] = None,
+    gguf_file: Annotated[
+        str | None,
+        typer.Option(
+            "--gguf-file",
+            help="With a --model-path directory or repo of .gguf files: the one to load, by name or pattern "
+            "(e.g. '*q4_k_m.gguf'). A .gguf --model-path needs none.",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "auto",
     gpus: Annotated[str | None, typer.Option(help="GPUs to use, e.g. '0,1' (sets CUDA_VISIBLE_DEVICES).")] = None,
     num_gpus: Annotated[
@@ -289,6 +298,14 @@ def worker(
         try:
             model_path = str(resolve_model(model_path, revision=revision))
         except DownloadError as exc:
+            fail(str(exc))
+    if gguf_file:
+        from llmstack.services.engines.gguf.files import check_pattern, pick_gguf_file
+        from llmstack.services.engines.gguf.header import GGUFError
+
+        try:
+            model_path = str(pick_gguf_file(Path(model_path), check_pattern(gguf_file)))
+        except (GGUFError, ValueError) as exc:
             fail(str(exc))
     if conv_template:
         from llmstack.services.engines.text.templates import get_template

@@ -107,6 +107,9 @@ class ModelSection(_Section):
     names: list[str] = Field(default_factory=list, description="served names (aliases); default: last path part")
     source: Literal["modelscope", "huggingface", "local"] = "modelscope"
     revision: str | None = None
+    gguf_file: str | None = Field(
+        None, description='with a directory or hub repo of .gguf files: the one to load, e.g. "*q4_k_m.gguf"'
+    )
     cache_dir: str | None = None
     backend: Literal["transformers", "vllm"] = "transformers"
     host: str = "127.0.0.1"
@@ -143,6 +146,15 @@ class ModelSection(_Section):
             get_template(name)
         return name
 
+    @field_validator("gguf_file")
+    @classmethod
+    def _gguf_file(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            from llmstack.services.engines.gguf.files import check_pattern  # import-free, like templates
+
+            check_pattern(pattern)
+        return pattern
+
     @field_validator("names")
     @classmethod
     def _names(cls, names: list[str]) -> list[str]:
@@ -177,6 +189,8 @@ class ModelSection(_Section):
             a += ["--backend", self.backend]
         if self.revision:
             a += ["--revision", self.revision]
+        if self.gguf_file and not model_path.lower().endswith(".gguf"):  # not yet resolved to the file
+            a += ["--gguf-file", self.gguf_file]
         for flag, value in (
             ("--device", self.device), ("--gpus", self.gpus), ("--num-gpus", self.num_gpus),
             ("--max-gpu-memory", self.max_gpu_memory), ("--dtype", self.dtype),
