@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -77,3 +78,39 @@ def test_a_pattern_picks_exactly_one_file(tmp_path: Path) -> None:
     assert pick_gguf_file(tmp_path, "*Q8_0*.gguf") == tmp_path / "model-Q8_0.gguf"
     with pytest.raises(ValueError, match="must end in .gguf"):
         check_pattern("q4_k_m")
+
+
+def test_a_converted_copy_is_used_while_it_matches_its_source(tmp_path: Path) -> None:
+    from llmstack.services.engines.gguf.convert import (
+        FORMAT,
+        SIDECAR,
+        ConvertedFrom,
+        converted_dir,
+        file_sha256,
+        find_converted,
+    )
+
+    source = write_gguf(tmp_path / "toy.gguf")
+    root = tmp_path / "cache"
+    target = converted_dir(source, "float32", root)
+    assert target.parent == root / "gguf" and target.name.startswith("toy-") and target.name.endswith("-float32")
+    assert find_converted(source, "float32", root) is None  # nothing converted yet
+    target.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
+        (target / name).write_text("{}")
+    stat = source.stat()
+    sidecar = ConvertedFrom(
+        format=FORMAT, source=str(source), size=stat.st_size, mtime_ns=stat.st_mtime_ns,
+        sha256=file_sha256(source), dtype="float32", architecture="llama", quantization="Q4_K_M",
+        transformers="5", seconds=1.0,
+    )  # fmt: skip
+    (target / SIDECAR).write_text(sidecar.model_dump_json())
+    assert find_converted(source, "float32", root) == target
+    assert find_converted(source, "bfloat16", root) is None  # another dtype is another copy
+    # touched (or copied) but the same bytes: still used, and the sidecar learns the new mtime
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert find_converted(source, "float32", root) == target
+    assert ConvertedFrom.model_validate_json((target / SIDECAR).read_text()).mtime_ns == stat.st_mtime_ns + 10**9
+    # changed bytes: converted again
+    source.write_bytes(source.read_bytes() + b"\0")
+    assert find_converted(source, "float32", root) is None
