@@ -292,7 +292,9 @@ def worker(
             fail("--worker-address is required when binding all interfaces (how should others reach this worker?)")
         scheme = "https" if tls.certfile else "http"
         worker_address = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
-    if not model_path.startswith(("/", ".", "~")) and not os.path.isdir(model_path):
+    from llmstack.services.engines.gguf.files import is_gguf_path
+
+    if not model_path.startswith(("/", ".", "~")) and not os.path.isdir(model_path) and not is_gguf_path(model_path):
         from llmstack.stack.models import DownloadError, resolve_model
 
         try:
@@ -307,6 +309,8 @@ def worker(
             model_path = str(pick_gguf_file(Path(model_path), check_pattern(gguf_file)))
         except (GGUFError, ValueError) as exc:
             fail(str(exc))
+    if is_gguf_path(model_path):
+        _check_gguf(model_path, backend)
     if conv_template:
         from llmstack.services.engines.text.templates import get_template
 
@@ -387,6 +391,17 @@ def worker(
     try:
         serve(build_worker_app(settings, engine), host=host, port=port, tls=tls, drain_timeout=drain_timeout)
     except EngineConfigError as exc:
+        fail(str(exc))
+
+
+def _check_gguf(path: str, backend: str) -> None:
+    """A .gguf model that cannot be served fails here, before the worker loads anything."""
+    from llmstack.services.engines.gguf.header import GGUFError, read_header
+    from llmstack.services.engines.gguf.support import check_servable
+
+    try:
+        check_servable(read_header(path), backend)
+    except GGUFError as exc:
         fail(str(exc))
 
 

@@ -178,7 +178,11 @@ class ModelSection(_Section):
 
     @property
     def served_names(self) -> list[str]:
-        return self.names or [self.model.rstrip("/").rsplit("/", 1)[-1]]
+        """`names`, else the model's last path part (a GGUF file without .gguf, a package without pypi:)."""
+        if self.names:
+            return self.names
+        last = self.model.rstrip("/").rsplit("/", 1)[-1].removeprefix("pypi:")
+        return [last[: -len(".gguf")] if last.lower().endswith(".gguf") else last]
 
     def args(self, model_path: str, port: int, controller_url: str) -> list[str]:
         a = ["--model-path", model_path, "--host", self.host, "--port", str(port)]

@@ -43,6 +43,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+from llmstack.services.engines.gguf.files import is_gguf_path
+from llmstack.services.engines.gguf.header import GGUFError, is_gguf_file, read_header
+from llmstack.stack.packaged import PackagedModelError, is_packaged, resolve_packaged
+
 __all__ = [
     "DownloadError",
     "DownloadFailure",
@@ -83,6 +87,7 @@ class DownloadFailure(enum.StrEnum):
     ACCESS_DENIED = "access_denied"  # gated or private model, no/insufficient token
     INCOMPLETE = "incomplete"  # a cached or downloaded snapshot is missing files
     FAILED = "failed"  # anything else the hub library raised
+    NOT_INSTALLED = "not_installed"  # a pypi: model whose package is missing (stack/packaged.py)
 
 
 class DownloadError(Exception):
@@ -116,7 +121,13 @@ def resolve_model(
     such as ``Qwen/Qwen2.5-0.5B-Instruct``. ``offline`` never touches the network. ``refresh`` skips the
     cache-first lookup (for ``llmstack pull``: the hub libraries re-check the snapshot and fetch only what
     is missing or changed). ``endpoint`` overrides the hub URL (a mirror).
+    ``pypi:<distribution>`` is a model shipped in an installed Python package (see `packaged`).
     """
+    if is_packaged(model):
+        try:
+            return resolve_packaged(model)
+        except PackagedModelError as exc:
+            raise DownloadError(str(exc), reason=DownloadFailure.NOT_INSTALLED, model=model) from exc
     if _looks_local(model):
         return _resolve_local(model)
     if source not in _HUB_NAMES:
@@ -183,7 +194,7 @@ def probe_hub(endpoints: tuple[str, ...], timeout: float = PROBE_TIMEOUT_S) -> s
 # Local paths
 # --------------------------------------------------------------------------------------------------------
 def _looks_local(model: str) -> bool:
-    if model.startswith(("/", "./", "../", "~")) or model in (".", ".."):
+    if model.startswith(("/", "./", "../", "~")) or model in (".", "..") or is_gguf_path(model):
         return True
     return Path(model).is_dir()
 
@@ -198,9 +209,15 @@ def _resolve_local(model: str) -> Path:
             model=model,
         )
     if not path.is_dir():
+        if is_gguf_path(path) or is_gguf_file(path):  # a GGUF model is one file
+            try:
+                read_header(path)
+            except GGUFError as exc:
+                raise DownloadError(str(exc), reason=DownloadFailure.LOCAL_PATH, model=model) from exc
+            return path
         raise DownloadError(
-            f"Local model path {path} is a file; point it at the model's directory (the folder holding "
-            "config.json and the weights).",
+            f"Local model path {path} is a file but not a GGUF model file; point it at the model's directory "
+            "(the folder holding config.json and the weights) or at a .gguf file.",
             reason=DownloadFailure.LOCAL_PATH,
             model=model,
         )
