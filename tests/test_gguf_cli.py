@@ -39,7 +39,7 @@ def _stack(root: Path, model: str, extra: str = "") -> Path:
     path = root / f"stack-{abs(hash((model, extra)))}.toml"
     path.write_text(
         f'[stack]\nname = "bad"\nrun_dir = "run"\n\n[controller]\nport = {free_port()}\n\n'
-        f'[[models]]\nmodel = "{model}"\nnames = ["m"]\ndevice = "cpu"\n{extra}\n'
+        f'[[models]]\nmodel = "{model}"\nnames = ["m"]\ndevice = "cpu"\nport = {free_port()}\n{extra}\n'
         f"[api]\nport = {free_port()}\n\n[webui]\nenabled = false\n"
     )
     return path

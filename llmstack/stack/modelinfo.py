@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from llmstack.services.engines.gguf.describe import GGUFSummary, describe_gguf
-from llmstack.services.engines.gguf.files import is_gguf_path, pick_gguf_file
+from llmstack.services.engines.gguf.files import is_gguf_path
 from llmstack.services.engines.gguf.header import GGUFError
 from llmstack.services.engines.text.templates import guess_template
 from llmstack.stack.config import ModelSection, StackConfig
@@ -40,8 +40,6 @@ def describe_model(cfg: StackConfig, m: ModelSection) -> ModelReport:
     report = ModelReport(model=m.model, names=m.served_names, backend=m.backend, state="ready")
     try:
         path = resolve_entry(cfg, m, offline=True, refresh=False)
-        if m.gguf_file and path.is_dir():
-            path = pick_gguf_file(path, m.gguf_file)
     except DownloadError as exc:
         waiting = exc.reason in (DownloadFailure.NOT_CACHED, DownloadFailure.UNREACHABLE)
         state = "not downloaded" if waiting else "unusable"

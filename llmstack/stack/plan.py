@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from llmstack.services.engines.gguf.files import is_gguf_path, pick_gguf_file
+from llmstack.services.engines.gguf.files import is_gguf_path
 from llmstack.services.engines.gguf.header import read_header
 from llmstack.services.engines.gguf.support import check_servable
 from llmstack.stack.config import DEFAULT_CONFIG, ConfigError, ModelSection, StackConfig
@@ -109,8 +109,6 @@ def resolve_models(
         if only is not None and only not in (m.model, *m.served_names):
             continue
         path = resolve_entry(cfg, m, offline, refresh)
-        if m.gguf_file and path.is_dir():
-            path = pick_gguf_file(path, m.gguf_file)
         if is_gguf_path(path):
             check_servable(read_header(path), m.backend)
         paths.append(path)
@@ -118,17 +116,18 @@ def resolve_models(
 
 
 def resolve_entry(cfg: StackConfig, m: ModelSection, offline: bool, refresh: bool) -> Path:
-    """One `[[models]]` entry's local path (before its gguf_file is picked)."""
+    """One `[[models]]` entry's local path: its model directory, or the .gguf file it is or selects."""
     from llmstack.stack.models import resolve_model
 
     if is_packaged(m.model):
         return resolve_model(m.model)
     if is_local_model(cfg, m.model, m.source):
-        return resolve_model(str(cfg.resolve_path(m.model)))
+        return resolve_model(str(cfg.resolve_path(m.model)), gguf_file=m.gguf_file)
     cache = cfg.resolve_path(m.cache_dir) if m.cache_dir else None
-    cached = _cached_modelscope_snapshot(m.model, cache, m.revision) if m.source == "modelscope" else None
-    if cached is not None and not refresh:
-        return cached
+    if m.gguf_file is None and m.source == "modelscope" and not refresh:
+        cached = _cached_modelscope_snapshot(m.model, cache, m.revision)
+        if cached is not None:
+            return cached
     return resolve_model(
         m.model,
         source=m.source,
@@ -137,6 +136,7 @@ def resolve_entry(cfg: StackConfig, m: ModelSection, offline: bool, refresh: boo
         offline=offline,
         refresh=refresh,
         progress=True,
+        gguf_file=m.gguf_file,
     )
 
 
