@@ -114,3 +114,15 @@ def test_a_converted_copy_is_used_while_it_matches_its_source(tmp_path: Path) ->
     # changed bytes: converted again
     source.write_bytes(source.read_bytes() + b"\0")
     assert find_converted(source, "float32", root) is None
+
+
+def test_what_config_check_shows_follows_the_files_own_template(tmp_path: Path) -> None:
+    from llmstack.services.engines.gguf.describe import describe_gguf
+
+    own = describe_gguf(write_gguf(tmp_path / "own.gguf"))  # its tokenizer.chat_template ends turns with <|done|>
+    assert (own.template, own.template_source) == ("file", "the file's tokenizer.chat_template")
+    assert own.stop_tokens == {"</s>": 2, "<|done|>": 4}
+    bare = describe_gguf(write_gguf(tmp_path / "Llama-3.2-1B-Instruct-Q4_K_M.gguf", chat_template=None))
+    assert (bare.template, bare.template_source) == ("llama-3", "no template in the file: guessed from its name")
+    assert bare.stop_tokens == {"</s>": 2}  # the toy vocabulary has no <|eot_id|>
+    assert describe_gguf(write_gguf(tmp_path / "x.gguf", arch="foo-arch")).problem is not None
