@@ -41,6 +41,11 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
     ("bad-dispatch", '[controller]\ndispatch_method = "random"\n', ["controller.dispatch_method", "'lottery'"]),
     ("engine-args-without-vllm", GOOD_MODEL + "[models.engine_args]\nx = 1\n", ["engine_args only apply"]),
     ("vllm-with-8bit", GOOD_MODEL + 'backend = "vllm"\nload_8bit = true\n', ["load_8bit is a transformers option"]),
+    (
+        "bad-gguf-pattern",
+        GOOD_MODEL + 'gguf_file = "q4_k_m"\n',
+        ["models[0].gguf_file", "must end in .gguf", "'*q4_k_m.gguf'"],
+    ),
     ("bad-template", GOOD_MODEL + 'conv_template = "nope"\n', ["unknown conversation template 'nope'", "chatml"]),
     ("bad-controller-address", '[controller]\naddress = "10.0.0.5:21001"\n', ["controller.address", "http(s) URL"]),
     ("bad-login", '[webui]\nauth = ["admin"]\n', ["webui.auth", 'look like "user:password"']),

@@ -21,6 +21,7 @@ BOTH: dict[str, Any] = {
     "model": "/models/m",
     "names": ["a", "b"],
     "revision": "v2",
+    "gguf_file": "*q4_k_m.gguf",
     "host": "10.0.0.7",
     "port": 23456,
     "worker_address": "http://10.0.0.7:23456",

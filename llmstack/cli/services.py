@@ -144,16 +144,30 @@ def _with_pass_through(options: WorkerOptions, extra: list[str]) -> WorkerOption
 
 
 def _with_local_model(options: WorkerOptions) -> WorkerOptions:
-    """A hub id is downloaded (or found in the cache) first; the served names stay the id's."""
+    """A hub id is downloaded (or found in the cache) first, a `pypi:` model found in its package, a
+    --gguf-file picked; a .gguf file that the engine cannot serve fails here, before anything loads.  The
+    served names stay the id's."""
+    from llmstack.services.engines.gguf.files import is_gguf_path
+    from llmstack.services.engines.gguf.header import GGUFError, read_header
+    from llmstack.services.engines.gguf.support import check_servable
+
     path = options.model
-    if not path.startswith(("/", ".", "~")) and not os.path.isdir(path):
+    hub_id = not path.startswith(("/", ".", "~")) and not os.path.isdir(path) and not is_gguf_path(path)
+    if hub_id or options.gguf_file:
         from llmstack.stack.models import DownloadError, resolve_model
 
         try:
-            path = str(resolve_model(path, revision=options.revision))
-        except DownloadError as exc:
+            path = str(resolve_model(path, revision=options.revision, gguf_file=options.gguf_file))
+        except (DownloadError, GGUFError) as exc:
             fail(str(exc))
-    return options.model_copy(update={"model": os.path.expanduser(path), "names": options.served_names})
+    path = os.path.expanduser(path)
+    if is_gguf_path(path):
+        try:
+            check_servable(read_header(path), options.backend)
+        except GGUFError as exc:
+            fail(str(exc))
+    update = {"model": path, "names": options.served_names, "gguf_file": None}
+    return options.model_copy(update=update)
 
 
 @commands.command(

@@ -123,6 +123,8 @@ class ModelSection(WorkerOptions):
         for name in self.given():
             if name in ("model", "names", "port"):
                 continue
+            if name == "gguf_file" and model_path.lower().endswith(".gguf"):
+                continue  # already resolved to that file
             value = getattr(self, name)
             flag = flag_of(name)
             if isinstance(value, bool):

@@ -14,7 +14,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from llmstack.stack.config import DEFAULT_CONFIG, ConfigError, StackConfig
+from llmstack.services.engines.gguf.files import is_gguf_path
+from llmstack.services.engines.gguf.header import read_header
+from llmstack.services.engines.gguf.support import check_servable
+from llmstack.stack.config import DEFAULT_CONFIG, ConfigError, ModelSection, StackConfig
+from llmstack.stack.packaged import is_packaged
 from llmstack.stack.rundir import (
     Role,
     RunDir,
@@ -95,39 +99,50 @@ def worker_service_names(cfg: StackConfig) -> list[list[str]]:
 
 
 def is_local_model(cfg: StackConfig, model: str, source: str) -> bool:
-    return source == "local" or model.startswith(("/", "./", "../", "~"))
+    return source == "local" or model.startswith(("/", "./", "../", "~")) or is_gguf_path(model)
 
 
 def resolve_models(
     cfg: StackConfig, *, offline: bool = False, refresh: bool = False, only: str | None = None
 ) -> list[Path]:
-    """Local directories for every model (downloading what is not cached, with progress)."""
-    from llmstack.stack.models import resolve_model
+    """Local paths for every model (downloading what is not cached, with progress): model directories, or
+    the one .gguf file a GGUF model is, checked to be one the model's engine can serve.
 
+    Raises `DownloadError`, or `GGUFError` for a GGUF file (or gguf_file pattern) that cannot work."""
     paths = []
     for m in cfg.models:
         if only is not None and only not in (m.model, *m.served_names):
             continue
-        if is_local_model(cfg, m.model, m.source):
-            paths.append(resolve_model(str(cfg.resolve_path(m.model))))
-            continue
-        cache = cfg.resolve_path(m.cache_dir) if m.cache_dir else None
-        cached = _cached_modelscope_snapshot(m.model, cache, m.revision) if m.source == "modelscope" else None
-        if cached is not None and not refresh:
-            paths.append(cached)
-            continue
-        paths.append(
-            resolve_model(
-                m.model,
-                source=m.source,
-                revision=m.revision,
-                cache_dir=cache,  # type: ignore[arg-type]
-                offline=offline,
-                refresh=refresh,
-                progress=True,
-            )
-        )
+        path = resolve_entry(cfg, m, offline, refresh)
+        if is_gguf_path(path):
+            check_servable(read_header(path), m.backend)
+        paths.append(path)
     return paths
+
+
+def resolve_entry(cfg: StackConfig, m: ModelSection, offline: bool, refresh: bool) -> Path:
+    """One `[[models]]` entry's local path: its model directory, or the .gguf file it is or selects."""
+    from llmstack.stack.models import resolve_model
+
+    if is_packaged(m.model):
+        return resolve_model(m.model)
+    if is_local_model(cfg, m.model, m.source):
+        return resolve_model(str(cfg.resolve_path(m.model)), gguf_file=m.gguf_file)
+    cache = cfg.resolve_path(m.cache_dir) if m.cache_dir else None
+    if m.gguf_file is None and m.source == "modelscope" and not refresh:
+        cached = _cached_modelscope_snapshot(m.model, cache, m.revision)
+        if cached is not None:
+            return cached
+    return resolve_model(
+        m.model,
+        source=m.source,
+        revision=m.revision,
+        cache_dir=cache,  # type: ignore[arg-type]
+        offline=offline,
+        refresh=refresh,
+        progress=True,
+        gguf_file=m.gguf_file,
+    )
 
 
 def _cached_modelscope_snapshot(model: str, cache: Path | None, revision: str | None) -> Path | None:

@@ -108,3 +108,8 @@ class TemplatedEngine(Engine):
     @property
     def template_stop(self) -> list[str]:
         return self.renderer.stop if self.renderer else []
+
+    @property
+    def template_stop_ids(self) -> list[int]:
+        """Special tokens that end a turn of the chat template in use (`<end_of_turn>`, `<|im_end|>`...)."""
+        return self.renderer.stop_token_ids if self.renderer else []

@@ -123,7 +123,11 @@ class WorkerService:
                 param="max_tokens",
             )
         stop = list(dict.fromkeys([*params.stop, *getattr(self.engine, "template_stop", [])]))
-        return params.model_copy(update={"max_tokens": params.max_tokens or room, "stop": stop})
+        update: dict[str, Any] = {"max_tokens": params.max_tokens or room, "stop": stop}
+        if not params.ignore_eos:  # the template's end-of-turn tokens end a sequence as its eos does
+            turn_ends = getattr(self.engine, "template_stop_ids", [])
+            update["stop_token_ids"] = list(dict.fromkeys([*params.stop_token_ids, *turn_ends]))
+        return params.model_copy(update=update)
 
     # -- generation -------------------------------------------------------------------------------------
     def prepare(self, req: GenerateRequest, prompt_len: int) -> SamplingParams:

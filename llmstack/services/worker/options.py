@@ -59,6 +59,14 @@ class WorkerOptions(BaseModel):
     ] = []
     backend: Annotated[Backend, Opt("Engine: transformers or vllm.", envvar="LLMSTACK_BACKEND")] = "transformers"
     revision: Annotated[str | None, Opt("Model revision (branch, tag or commit).", vllm="revision")] = None
+    gguf_file: Annotated[
+        str | None,
+        Opt(
+            "With a directory or hub repo of .gguf files: the one to load, by name or pattern (e.g. "
+            "'*q4_k_m.gguf'); only that file is downloaded. A .gguf model path needs none.",
+            example="*q4_k_m.gguf",
+        ),
+    ] = None
     host: Annotated[str, Opt("Address to bind. Loopback unless you mean to expose it.")] = "127.0.0.1"
     port: Annotated[Port, Opt("Port to listen on.")] = 21002
     worker_address: Annotated[str | None, Opt("URL the API server uses to reach this worker.")] = None
@@ -187,6 +195,15 @@ class WorkerOptions(BaseModel):
             raise ValueError("names must be non-empty and contain no commas")
         return names
 
+    @field_validator("gguf_file")
+    @classmethod
+    def _gguf_file(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            from llmstack.services.engines.gguf.files import check_pattern  # import-free, like templates
+
+            check_pattern(pattern)
+        return pattern
+
     @field_validator("conv_template")
     @classmethod
     def _template(cls, name: str | None) -> str | None:
@@ -233,7 +250,11 @@ class WorkerOptions(BaseModel):
 
     @property
     def served_names(self) -> list[str]:
-        return self.names or [self.model.rstrip("/").rsplit("/", 1)[-1]]
+        """`names`, else the model's last path part (a GGUF file without .gguf, a package without pypi:)."""
+        if self.names:
+            return self.names
+        last = self.model.rstrip("/").rsplit("/", 1)[-1].removeprefix("pypi:")
+        return [last[: -len(".gguf")] if last.lower().endswith(".gguf") else last]
 
 
 def _options() -> dict[str, Opt]:

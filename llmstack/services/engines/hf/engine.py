@@ -30,6 +30,7 @@ from llmstack.services.engines.hf.kvbatch import BatchKV, cache_was_used, new_ca
 from llmstack.services.engines.hf.loading import (
     EngineConfigError,
     HFEngineConfig,
+    checkpoint_of,
     context_length_of,
     describe_load,
     eos_ids,
@@ -197,16 +198,17 @@ class HFEngine(TemplatedEngine):
         common = {"trust_remote_code": cfg.trust_remote_code}
         if cfg.revision:
             common["revision"] = cfg.revision
-        model_config = AutoConfig.from_pretrained(cfg.model_path, **common)
+        device = resolve_device(cfg.device)
+        checkpoint = checkpoint_of(cfg, device)  # a GGUF file: its converted copy
+        model_config = AutoConfig.from_pretrained(checkpoint.path, **common)
         archs = getattr(model_config, "architectures", None) or []
         self.kind = "chat" if any(a.endswith(_GENERATIVE_SUFFIXES) for a in archs) else "embedding"
-        device = resolve_device(cfg.device)
         plan = plan_loading(cfg, model_config, device)
-        log.info("loading %s (%s) on %s with %s", cfg.model_path, self.kind, device, describe_load(plan.kwargs))
+        log.info("loading %s (%s) on %s with %s", checkpoint.path, self.kind, device, describe_load(plan.kwargs))
         started = time.perf_counter()
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path, **common)
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint.path, **common)
         auto = AutoModelForCausalLM if self.kind == "chat" else AutoModel
-        model = auto.from_pretrained(cfg.model_path, **plan.kwargs)
+        model = auto.from_pretrained(checkpoint.path, **plan.kwargs)
         if plan.move_to:
             model = model.to(plan.move_to)
         model.eval()
@@ -214,7 +216,7 @@ class HFEngine(TemplatedEngine):
         self.device = torch.device(plan.move_to or ("cpu" if device == "cpu" else model.device))
         self.context_length = context_length_of(model_config, self.tokenizer)
         if self.kind == "chat":
-            self.renderer = ChatRenderer(self.tokenizer, cfg.model_path, cfg.conv_template)
+            self.renderer = ChatRenderer(self.tokenizer, cfg.model_path, cfg.conv_template, *checkpoint.hints)
             self.eos_ids = eos_ids(model, self.tokenizer)
             self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
             self._token_texts = TokenTexts(self.tokenizer)
@@ -223,11 +225,12 @@ class HFEngine(TemplatedEngine):
             if reason is not None:
                 log.warning("continuous batching is off for this model (%s): requests run one at a time", reason)
         log.info(
-            "loaded in %.1fs: context %d, template %s, eos %s, %s",
+            "loaded in %.1fs: context %d, template %s, eos %s, turn ends %s, %s",
             time.perf_counter() - started,
             self.context_length,
             self.renderer.name if self.renderer else "-",
             sorted(self.eos_ids),
+            self.renderer.end_of_turn if self.renderer else {},
             f"batching up to {cfg.max_batch_size} sequences / {cfg.max_batch_tokens} cached tokens"
             if self._batched
             else "sequential generation",

@@ -159,6 +159,34 @@ def plan_loading(cfg: HFEngineConfig, model_config: Any, device: str) -> LoadPla
     return LoadPlan(device=device, kwargs=kwargs, move_to=move_to)
 
 
+@dataclass
+class Checkpoint:
+    """What transformers loads: `path` (a directory or hub id), and for a GGUF file the names (the file's
+    `general.name`, its architecture) that help guess a chat template for it."""
+
+    path: str
+    hints: tuple[str, ...] = ()
+
+
+def checkpoint_of(cfg: HFEngineConfig, device: str) -> Checkpoint:
+    """A GGUF `model_path` becomes its converted checkpoint in the dtype the model runs in (converted on
+    the first start, see `gguf.convert`); anything else is loaded as it is."""
+    from llmstack.services.engines.gguf.files import is_gguf_path
+
+    if not is_gguf_path(cfg.model_path):
+        return Checkpoint(cfg.model_path)
+    from llmstack.services.engines.gguf.convert import convert_gguf
+    from llmstack.services.engines.gguf.header import GGUFError, read_header
+
+    dtype = _torch_dtype("float32" if cfg.load_8bit and device == "cpu" else cfg.dtype, device)
+    try:
+        header = read_header(cfg.model_path)
+        path = convert_gguf(cfg.model_path, str(dtype).removeprefix("torch."))
+    except GGUFError as exc:
+        raise EngineConfigError(str(exc)) from exc
+    return Checkpoint(str(path), (header.name, header.architecture))
+
+
 def context_length_of(model_config: Any, tokenizer: Any | None = None) -> int:
     for key in _CONTEXT_KEYS:
         value = getattr(model_config, key, None)

