@@ -157,6 +157,14 @@ def worker(
             "as Qwen 2.5/3 and Hermes models write them).",
         ),
     ] = "hermes",
+    reasoning_parser: Annotated[
+        str | None,
+        typer.Option(
+            "--reasoning-parser",
+            help="How a thinking model's reasoning is read from its text and returned apart from the answer "
+            "(qwen3: a leading <think> block; deepseek_r1: everything before </think>). Default: none.",
+        ),
+    ] = None,
     heartbeat_interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 3.0,
     cluster_token: ClusterToken = None,
     gptq_ckpt: Annotated[str | None, typer.Option("--gptq-ckpt", help="Not needed: see --help-quant.")] = None,
@@ -345,6 +353,10 @@ def worker(
 
     if tool_parser not in PARSERS:
         fail(f"--tool-parser {tool_parser!r}: choose one of {', '.join(sorted(PARSERS))}")
+    from llmstack.services.worker.reasoning import PARSERS as REASONING_PARSERS
+
+    if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+        fail(f"--reasoning-parser {reasoning_parser!r}: choose one of {', '.join(REASONING_PARSERS)}")
     try:
         engine = create_engine(options)
     except EngineOptionError as exc:
@@ -364,6 +376,7 @@ def worker(
         cluster_token=cluster_token,
         embed_in_truncate=embed_in_truncate,
         tool_parser=tool_parser,
+        reasoning_parser=reasoning_parser,
     )
     from llmstack.services.engines.hf.loading import EngineConfigError
 

@@ -130,6 +130,9 @@ class ModelSection(_Section):
     trust_remote_code: bool = False
     embed_in_truncate: bool = False
     tool_parser: Literal["hermes"] = "hermes"
+    reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = Field(
+        None, description="how a thinking model's reasoning is read from its text; default: none"
+    )
     heartbeat_interval: float = Field(3.0, gt=0)
     engine_args: dict[str, Any] = Field(default_factory=dict, description="extra engine arguments (vLLM)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for this worker")
@@ -184,6 +187,7 @@ class ModelSection(_Section):
             ("--max-batch-size", self.max_batch_size), ("--max-batch-tokens", self.max_batch_tokens),
             ("--max-queue", self.max_queue), ("--stream-interval", self.stream_interval), ("--seed", self.seed),
             ("--heartbeat-interval", self.heartbeat_interval), ("--tool-parser", self.tool_parser),
+            ("--reasoning-parser", self.reasoning_parser),
         ):  # fmt: skip
             if value is not None:
                 a += [flag, str(value)]

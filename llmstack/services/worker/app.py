@@ -55,6 +55,7 @@ class WorkerSettings:
     cluster_token: str | None = None
     embed_in_truncate: bool = False
     tool_parser: str = "hermes"  # how tool calls are read from the model's text (toolcalls.PARSERS)
+    reasoning_parser: str | None = None  # how reasoning is read from it (reasoning.PARSERS); None: not at all
     worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
