@@ -160,8 +160,14 @@ class ChatRenderer:
     def stop(self) -> list[str]:
         return list(self.template.stop) if self.template else []
 
-    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
-        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        # the request's own variables first: the renderer's settings below always win
+        kwargs: dict[str, Any] = {**(template_kwargs or {}), "tokenize": False, "add_generation_prompt": True}
         if self.template is not None:
             kwargs["chat_template"] = self.template.jinja
         if self.native_tools:
