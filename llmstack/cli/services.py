@@ -411,14 +411,29 @@ def api(
             "(before the first token, silence is allowed while the worker's /health answers)."
         ),
     ] = 60.0,
+    state_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--state-dir",
+            help="Directory for stored responses (/v1/responses with store, previous_response_id), kept in "
+            "responses.sqlite3 there. Default: in memory only (lost on restart); `llmstack up` passes the run "
+            "directory.",
+        ),
+    ] = None,
+    response_retention: Annotated[
+        int, typer.Option("--response-retention", min=1, help="The most stored responses kept (oldest go first).")
+    ] = 10_000,
+    response_max_age_days: Annotated[
+        float, typer.Option("--response-max-age-days", min=0.0, help="Days a stored response is kept.")
+    ] = 30.0,
     ssl: SSL = False,
     ssl_certfile: SSLCert = None,
     ssl_keyfile: SSLKey = None,
     drain_timeout: DrainTimeout = 30.0,
     debug: Debug = False,
 ) -> None:
-    """Run the OpenAI-compatible API server (/v1/models, /v1/chat/completions, /v1/completions,
-    /v1/embeddings)."""
+    """Run the API server: OpenAI's /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings and
+    /v1/responses, Anthropic's /v1/messages (and count_tokens), and vLLM's /tokenize and /detokenize."""
     from llmstack.common.http import is_loopback, parse_keys, serve, setup_logging
     from llmstack.services.api.app import APISettings, build_api_app
 
@@ -439,6 +454,9 @@ def api(
         sync_interval=sync_interval,
         request_timeout=request_timeout,
         stream_timeout=stream_timeout,
+        state_dir=state_dir,
+        response_retention=response_retention,
+        response_max_age=response_max_age_days * 86400.0,
     )
     serve(build_api_app(settings), host=host, port=port, tls=tls, drain_timeout=drain_timeout)
 

@@ -210,6 +210,8 @@ class APISection(_Section):
     sync_interval: float = Field(1.0, gt=0)
     request_timeout: float = Field(600.0, gt=0)
     stream_timeout: float = Field(60.0, gt=0, description="longest silence from a worker mid-stream")
+    response_retention: int = Field(10_000, ge=1, description="the most stored responses kept (/v1/responses)")
+    response_max_age_days: float = Field(30.0, ge=0, description="days a stored response is kept")
     ssl: TLS = TLS()
 
     @property
@@ -218,11 +220,13 @@ class APISection(_Section):
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"{scheme}://{host}:{self.port}"
 
-    def args(self, controller_url: str) -> list[str]:
+    def args(self, controller_url: str, state_dir: str) -> list[str]:
         return [
             "--host", self.host, "--port", str(self.port), "--controller-address", controller_url,
             "--sync-interval", str(self.sync_interval), "--request-timeout", str(self.request_timeout),
-            "--stream-timeout", str(self.stream_timeout),
+            "--stream-timeout", str(self.stream_timeout), "--state-dir", state_dir,
+            "--response-retention", str(self.response_retention),
+            "--response-max-age-days", str(self.response_max_age_days),
             *self.ssl.args(),
         ]  # fmt: skip
 

@@ -16,6 +16,7 @@ from llmstack.stack.config import DEFAULT_CONFIG, ConfigError, StackConfig
 from llmstack.stack.rundir import (
     Role,
     RunDir,
+    run_dir_for,
 )
 
 #: Environment variables that carry secrets; children get only those their spec grants.
@@ -215,7 +216,7 @@ def build_specs(cfg: StackConfig, roles: list[str], model_paths: list[Path] | No
             ServiceSpec(
                 name="api",
                 role="api",
-                argv=[*py, "api", *a.args(controller_url), *drain],
+                argv=[*py, "api", *a.args(controller_url, str(run_dir_for(cfg))), *drain],
                 host=a.host,
                 port=a.port,
                 url=url,

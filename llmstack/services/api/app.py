@@ -1,26 +1,43 @@
-"""The OpenAI-compatible HTTP app: routes only; the work lives in `serving`."""
+"""The API server's HTTP app: routes and auth only; the work lives in the serving modules (chat,
+completions, embeddings, responses, messages, tokenize)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from llmstack.common.errors import NotFound
-from llmstack.common.http import StreamingResponseWithDisconnect, check_bearer, install_error_handlers
+from llmstack.common.http import StreamingResponseWithDisconnect, check_api_key, install_error_handlers
 from llmstack.common.metrics import UNKNOWN_MODEL, MetricsMiddleware, ServingMetrics, counter_collector, gauge_collector
+from llmstack.services.api.bodies import body
 from llmstack.services.api.chat import ChatCompletions
 from llmstack.services.api.completions import TextCompletions
 from llmstack.services.api.embeddings import Embeddings
+from llmstack.services.api.messages.errors import anthropic_error
+from llmstack.services.api.messages.protocol import CountTokensRequest, MessagesRequest
+from llmstack.services.api.messages.serving import Messages
 from llmstack.services.api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from llmstack.services.api.responses.protocol import ResponsesRequest
+from llmstack.services.api.responses.serving import Responses
+from llmstack.services.api.responses.store import (
+    DEFAULT_MAX_AGE,
+    DEFAULT_MAX_RESPONSES,
+    MemoryStore,
+    ResponseStore,
+    SQLiteStore,
+)
 from llmstack.services.api.routing import RoutingTable
+from llmstack.services.api.tokenize import DetokenizeRequest, Tokenizer, TokenizeRequest
 from llmstack.services.api.upstream import WorkerStream
 
 log = logging.getLogger("llmstack.api")
@@ -36,19 +53,41 @@ class APISettings:
     request_timeout: float = 600.0  # end to end, per request
     stream_timeout: float = 60.0  # longest silence of a worker between two events of a stream
     max_attempts: int = 3
+    state_dir: str | None = None  # stored responses go to <state_dir>/responses.sqlite3; None: in memory
+    response_retention: int = DEFAULT_MAX_RESPONSES  # the most stored responses kept
+    response_max_age: float = DEFAULT_MAX_AGE  # seconds a stored response is kept
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
+_ENDPOINTS = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/models",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/tokenize",
+    "/detokenize",
+}
 
 
 def _endpoint(path: str) -> str | None:
     """Bounded endpoint labels for metrics; None for paths that are not counted."""
-    if not path.startswith("/v1/"):
-        return None
     if path in _ENDPOINTS:
         return path
+    if not path.startswith("/v1/"):
+        return None
+    if path.startswith("/v1/responses/"):
+        return "/v1/responses/{id}"
     return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+
+
+async def _open_store(settings: APISettings) -> ResponseStore:
+    if settings.state_dir is None:
+        return MemoryStore(settings.response_retention, settings.response_max_age)
+    path = Path(settings.state_dir).expanduser() / "responses.sqlite3"
+    return await asyncio.to_thread(SQLiteStore, path, settings.response_retention, settings.response_max_age)
 
 
 def build_api_app(settings: APISettings) -> FastAPI:
@@ -74,19 +113,24 @@ def build_api_app(settings: APISettings) -> FastAPI:
             stream_timeout=settings.stream_timeout,
             request_timeout=settings.request_timeout,
         )
+        store = await _open_store(settings)
         app.state.router = router
         app.state.chat = ChatCompletions(workers)
         app.state.completions = TextCompletions(workers)
         app.state.embeddings = Embeddings(workers)
+        app.state.responses = Responses(workers, store)
+        app.state.messages = Messages(workers)
+        app.state.tokenizer = Tokenizer(workers)
         sync = asyncio.create_task(router.run())
         try:
             yield
         finally:
             sync.cancel()
+            await store.close()
             await client.aclose()
 
     app = FastAPI(title="llmstack OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
-    install_error_handlers(app)
+    install_error_handlers(app, shapes=[("/v1/messages", anthropic_error)])
     metrics = ServingMetrics("api")
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=_endpoint)
 
@@ -119,7 +163,9 @@ def build_api_app(settings: APISettings) -> FastAPI:
         return tracker
 
     async def require_key(request: Request) -> None:  # async: a plain def would run in the thread pool
-        check_bearer(request, settings.api_keys)
+        key = check_api_key(request, settings.api_keys)
+        # stored responses belong to the key that made them (never kept in the clear)
+        request.state.owner = hashlib.sha256(key.encode()).hexdigest() if key and settings.api_keys else ""
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
@@ -134,7 +180,7 @@ def build_api_app(settings: APISettings) -> FastAPI:
         return _model_card(model)
 
     @v1.post("/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):  # noqa: ANN201
+    async def chat_completions(request: Request, req: ChatCompletionRequest = Depends(body(ChatCompletionRequest))):  # noqa: ANN201
         chat: ChatCompletions = request.app.state.chat
         tracker = track(request, req.model)
         if req.stream:
@@ -143,7 +189,7 @@ def build_api_app(settings: APISettings) -> FastAPI:
         return JSONResponse(await chat.chat(req, tracker))
 
     @v1.post("/completions")
-    async def completions_(req: CompletionRequest, request: Request):  # noqa: ANN201
+    async def completions_(request: Request, req: CompletionRequest = Depends(body(CompletionRequest))):  # noqa: ANN201
         completions: TextCompletions = request.app.state.completions
         tracker = track(request, req.model)
         if req.stream:
@@ -152,10 +198,54 @@ def build_api_app(settings: APISettings) -> FastAPI:
         return JSONResponse(await completions.complete(req, tracker))
 
     @v1.post("/embeddings")
-    async def embeddings(req: EmbeddingRequest, request: Request) -> JSONResponse:
+    async def embeddings(request: Request, req: EmbeddingRequest = Depends(body(EmbeddingRequest))) -> JSONResponse:
         return JSONResponse(await request.app.state.embeddings.create(req, track(request, req.model)))
 
+    @v1.post("/responses")
+    async def create_response(request: Request, req: ResponsesRequest = Depends(body(ResponsesRequest))):  # noqa: ANN201
+        responses: Responses = request.app.state.responses
+        tracker = track(request, req.model)
+        if req.stream:
+            stream = await responses.create_stream(req, tracker, request.state.owner)
+            return StreamingResponseWithDisconnect(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
+        return JSONResponse(await responses.create(req, tracker, request.state.owner))
+
+    @v1.get("/responses/{response_id}")
+    async def get_response(response_id: str, request: Request) -> JSONResponse:
+        return JSONResponse(await request.app.state.responses.get(response_id, request.state.owner))
+
+    @v1.delete("/responses/{response_id}")
+    async def delete_response(response_id: str, request: Request) -> JSONResponse:
+        return JSONResponse(await request.app.state.responses.delete(response_id, request.state.owner))
+
+    @v1.post("/messages")
+    async def create_message(request: Request, req: MessagesRequest = Depends(body(MessagesRequest))):  # noqa: ANN201
+        messages: Messages = request.app.state.messages
+        tracker = track(request, req.model)
+        if req.stream:
+            stream = await messages.create_stream(req, tracker)
+            return StreamingResponseWithDisconnect(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
+        return JSONResponse(await messages.create(req, tracker))
+
+    @v1.post("/messages/count_tokens")
+    async def count_message_tokens(
+        request: Request, req: CountTokensRequest = Depends(body(CountTokensRequest))
+    ) -> JSONResponse:
+        return JSONResponse(await request.app.state.messages.count_tokens(req))
+
     app.include_router(v1)
+    # vLLM's token endpoints sit outside /v1; they need a key all the same
+    tokens = APIRouter(dependencies=[Depends(require_key)])
+
+    @tokens.post("/tokenize")
+    async def tokenize(request: Request, req: TokenizeRequest = Depends(body(TokenizeRequest))) -> JSONResponse:
+        return JSONResponse(await request.app.state.tokenizer.tokenize(req))
+
+    @tokens.post("/detokenize")
+    async def detokenize(request: Request, req: DetokenizeRequest = Depends(body(DetokenizeRequest))) -> JSONResponse:
+        return JSONResponse(await request.app.state.tokenizer.detokenize(req))
+
+    app.include_router(tokens)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint():  # noqa: ANN202
