@@ -117,8 +117,9 @@ def validation_error(errors: Sequence[Any]) -> InvalidRequest:
     if not errors:
         return InvalidRequest("Invalid request body.")
     # a union (e.g. stop: str | list[str]) reports one error per branch: the branch that failed on a
-    # constraint says more than the one that failed on the type
-    first = min(errors, key=lambda e: str(e.get("type", "")).endswith("_type"))
+    # constraint says more than one that failed on the type, and one that got further into the value more
+    # than one that did not
+    first = min(errors, key=lambda e: (str(e.get("type", "")).endswith("_type"), -len(e.get("loc", ()))))
     kind = str(first.get("type", ""))
     if kind == "json_invalid":
         return InvalidRequest("We could not parse the JSON body of your request: " + str(first.get("msg")))

@@ -1,5 +1,6 @@
 """Anthropic's error shape, `{"type": "error", "error": {"type", "message"}, "request_id"}`, for the
-Messages endpoints (the status codes are those of the same error everywhere else)."""
+Messages endpoints (the status codes are those of the same error everywhere else).  The error types are
+those the anthropic SDK's own types know (it has none for 413: that is an invalid request there)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ _TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
-    413: "request_too_large",
+    413: "invalid_request_error",
     429: "rate_limit_error",
     503: "overloaded_error",
+    504: "timeout_error",
     529: "overloaded_error",
 }
 

@@ -16,6 +16,13 @@ from llmstack.services.api.streaming import chain, first_event, sse_event
 from llmstack.services.api.upstream import WorkerStream
 
 
+def _input_param(exc: LLMStackError) -> LLMStackError:
+    """The worker names the chat it rendered (`messages`); here that is the request's `input`."""
+    if exc.param == "messages":
+        exc.param = "input"
+    return exc
+
+
 def _not_found(response_id: str) -> NotFound:
     return NotFound(f"No response found with id '{response_id}'.", param="response_id", code="response_not_found")
 
@@ -73,18 +80,24 @@ class Responses:
         events, items = await self._events(req, owner)
         builder = ResponseBuilder(req)
         builder.start()
-        async for event in events:
-            if "error" in event:
-                raise LLMStackError.from_body(event)
-            self._track(event, tracker)
-            builder.feed(event)
+        try:
+            async for event in events:
+                if "error" in event:
+                    raise LLMStackError.from_body(event)
+                self._track(event, tracker)
+                builder.feed(event)
+        except LLMStackError as exc:
+            raise _input_param(exc) from None
         builder.finish()
         await self._keep(req, builder, items, owner)
         return builder.response()
 
     async def create_stream(self, req: ResponsesRequest, tracker: RequestTracker, owner: str) -> AsyncIterator[bytes]:
         events, items = await self._events(req, owner)
-        first = await first_event(events)  # errors before the first token become an HTTP error
+        try:
+            first = await first_event(events)  # errors before the first token become an HTTP error
+        except LLMStackError as exc:
+            raise _input_param(exc) from None
         return self._stream(req, first, events, items, tracker, owner)
 
     async def _stream(
