@@ -17,7 +17,7 @@ streams `/generate` -> `services/worker/app.py` renders and tokenises the prompt
 admits it (`admission.py`) -> the engine streams `Chunk`s -> NDJSON events (`common/wire.py`) -> SSE chunks.
 
 `llmstack up`: `cli/stack.py` -> `stack/config.py` (validate) -> `stack/plan.py` (roles, ports, command lines,
-secrets, preflight) -> `stack/models.py` (resolve/download) -> `stack/control.py` (foreground or detached)
+secrets, preflight) -> `stack/models/` (resolve, cache first, then download) -> `stack/control.py` (foreground or detached)
 -> `stack/supervisor.py` (spawn via `children.py`, health-gate, restart, stop in tiers) writing
 `stack/rundir.py` state that `status`, `logs` and `down` read from any shell.
 

@@ -425,10 +425,10 @@ def test_progress_callbacks_survive_threads(capsys: pytest.CaptureFixture[str]) 
     """The rich display is fed from modelscope-hub's worker threads, and tqdm redraws stay off the screen."""
     import sys
 
-    from llmstack.stack.models import _modelscope_progress
+    from llmstack.stack.models.progress import modelscope_progress
 
     original = sys.stderr
-    with _modelscope_progress("acme/tiny", enabled=True) as callbacks:
+    with modelscope_progress("acme/tiny", enabled=True) as callbacks:
         assert callbacks is not None
         (callback_cls,) = callbacks
 
