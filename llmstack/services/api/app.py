@@ -7,8 +7,8 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,14 @@ from fastapi.responses import JSONResponse
 
 from llmstack.common.errors import NotFound
 from llmstack.common.http import StreamingResponseWithDisconnect, check_api_key, install_error_handlers
-from llmstack.common.metrics import UNKNOWN_MODEL, MetricsMiddleware, ServingMetrics, counter_collector, gauge_collector
+from llmstack.common.metrics import (
+    UNKNOWN_MODEL,
+    MetricsMiddleware,
+    RequestTracker,
+    ServingMetrics,
+    counter_collector,
+    gauge_collector,
+)
 from llmstack.services.api.bodies import body
 from llmstack.services.api.chat import ChatCompletions
 from llmstack.services.api.completions import TextCompletions
@@ -90,7 +97,41 @@ async def _open_store(settings: APISettings) -> ResponseStore:
     return await asyncio.to_thread(SQLiteStore, path, settings.response_retention, settings.response_max_age)
 
 
+Track = Callable[[Request, str], RequestTracker]
+
+
 def build_api_app(settings: APISettings) -> FastAPI:
+    app = FastAPI(title="llmstack OpenAI-compatible API", lifespan=_lifespan(settings), docs_url=None, redoc_url=None)
+    install_error_handlers(app, shapes=[("/v1/messages", anthropic_error)])
+    metrics = ServingMetrics("api")
+    app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=_endpoint)
+    _register_gauges(app, metrics)
+
+    def track(request: Request, model: str) -> RequestTracker:
+        served = request.app.state.router.by_model
+        tracker = metrics.track(model if model in served else UNKNOWN_MODEL)
+        request.state.tracker = tracker
+        return tracker
+
+    async def require_key(request: Request) -> None:  # async: a plain def would run in the thread pool
+        key = check_api_key(request, settings.api_keys)
+        # stored responses belong to the key that made them (never kept in the clear)
+        request.state.owner = hashlib.sha256(key.encode()).hexdigest() if key and settings.api_keys else ""
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+    _openai_routes(v1, track)
+    _responses_routes(v1, track)
+    _messages_routes(v1, track)
+    app.include_router(v1)
+    # vLLM's token endpoints sit outside /v1; they need a key all the same
+    tokens = APIRouter(dependencies=[Depends(require_key)])
+    _token_routes(tokens)
+    app.include_router(tokens)
+    _service_routes(app, metrics)
+    return app
+
+
+def _lifespan(settings: APISettings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # one pooled client for the process; generous limits since every request is one worker hop
@@ -129,11 +170,10 @@ def build_api_app(settings: APISettings) -> FastAPI:
             await store.close()
             await client.aclose()
 
-    app = FastAPI(title="llmstack OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
-    install_error_handlers(app, shapes=[("/v1/messages", anthropic_error)])
-    metrics = ServingMetrics("api")
-    app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=_endpoint)
+    return lifespan
 
+
+def _register_gauges(app: FastAPI, metrics: ServingMetrics) -> None:
     def routed_workers():  # noqa: ANN202
         router: RoutingTable | None = getattr(app.state, "router", None)
         return [([m], float(len(r))) for m, r in router.by_model.items()] if router else []
@@ -156,19 +196,12 @@ def build_api_app(settings: APISettings) -> FastAPI:
         )
     )
 
-    def track(request: Request, model: str):  # noqa: ANN202
-        served = request.app.state.router.by_model
-        tracker = metrics.track(model if model in served else UNKNOWN_MODEL)
-        request.state.tracker = tracker
-        return tracker
 
-    async def require_key(request: Request) -> None:  # async: a plain def would run in the thread pool
-        key = check_api_key(request, settings.api_keys)
-        # stored responses belong to the key that made them (never kept in the clear)
-        request.state.owner = hashlib.sha256(key.encode()).hexdigest() if key and settings.api_keys else ""
+def _sse(stream: AsyncIterator[bytes]) -> StreamingResponseWithDisconnect:
+    return StreamingResponseWithDisconnect(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
+def _openai_routes(v1: APIRouter, track: Track) -> None:
     @v1.get("/models")
     async def list_models(request: Request) -> dict:
         return {"object": "list", "data": [_model_card(name) for name in request.app.state.router.models()]}
@@ -184,8 +217,7 @@ def build_api_app(settings: APISettings) -> FastAPI:
         chat: ChatCompletions = request.app.state.chat
         tracker = track(request, req.model)
         if req.stream:
-            stream = await chat.chat_stream(req, tracker)
-            return StreamingResponseWithDisconnect(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
+            return _sse(await chat.chat_stream(req, tracker))
         return JSONResponse(await chat.chat(req, tracker))
 
     @v1.post("/completions")
@@ -193,21 +225,21 @@ def build_api_app(settings: APISettings) -> FastAPI:
         completions: TextCompletions = request.app.state.completions
         tracker = track(request, req.model)
         if req.stream:
-            stream = await completions.complete_stream(req, tracker)
-            return StreamingResponseWithDisconnect(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
+            return _sse(await completions.complete_stream(req, tracker))
         return JSONResponse(await completions.complete(req, tracker))
 
     @v1.post("/embeddings")
     async def embeddings(request: Request, req: EmbeddingRequest = Depends(body(EmbeddingRequest))) -> JSONResponse:
         return JSONResponse(await request.app.state.embeddings.create(req, track(request, req.model)))
 
+
+def _responses_routes(v1: APIRouter, track: Track) -> None:
     @v1.post("/responses")
     async def create_response(request: Request, req: ResponsesRequest = Depends(body(ResponsesRequest))):  # noqa: ANN201
         responses: Responses = request.app.state.responses
         tracker = track(request, req.model)
         if req.stream:
-            stream = await responses.create_stream(req, tracker, request.state.owner)
-            return StreamingResponseWithDisconnect(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
+            return _sse(await responses.create_stream(req, tracker, request.state.owner))
         return JSONResponse(await responses.create(req, tracker, request.state.owner))
 
     @v1.get("/responses/{response_id}")
@@ -218,13 +250,14 @@ def build_api_app(settings: APISettings) -> FastAPI:
     async def delete_response(response_id: str, request: Request) -> JSONResponse:
         return JSONResponse(await request.app.state.responses.delete(response_id, request.state.owner))
 
+
+def _messages_routes(v1: APIRouter, track: Track) -> None:
     @v1.post("/messages")
     async def create_message(request: Request, req: MessagesRequest = Depends(body(MessagesRequest))):  # noqa: ANN201
         messages: Messages = request.app.state.messages
         tracker = track(request, req.model)
         if req.stream:
-            stream = await messages.create_stream(req, tracker)
-            return StreamingResponseWithDisconnect(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
+            return _sse(await messages.create_stream(req, tracker))
         return JSONResponse(await messages.create(req, tracker))
 
     @v1.post("/messages/count_tokens")
@@ -233,10 +266,8 @@ def build_api_app(settings: APISettings) -> FastAPI:
     ) -> JSONResponse:
         return JSONResponse(await request.app.state.messages.count_tokens(req))
 
-    app.include_router(v1)
-    # vLLM's token endpoints sit outside /v1; they need a key all the same
-    tokens = APIRouter(dependencies=[Depends(require_key)])
 
+def _token_routes(tokens: APIRouter) -> None:
     @tokens.post("/tokenize")
     async def tokenize(request: Request, req: TokenizeRequest = Depends(body(TokenizeRequest))) -> JSONResponse:
         return JSONResponse(await request.app.state.tokenizer.tokenize(req))
@@ -245,8 +276,8 @@ def build_api_app(settings: APISettings) -> FastAPI:
     async def detokenize(request: Request, req: DetokenizeRequest = Depends(body(DetokenizeRequest))) -> JSONResponse:
         return JSONResponse(await request.app.state.tokenizer.detokenize(req))
 
-    app.include_router(tokens)
 
+def _service_routes(app: FastAPI, metrics: ServingMetrics) -> None:
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint():  # noqa: ANN202
         return metrics.render()
@@ -261,8 +292,6 @@ def build_api_app(settings: APISettings) -> FastAPI:
             "workers": router.usable(),
             "routing_table_age": age,
         }
-
-    return app
 
 
 _STARTED = int(time.time())
