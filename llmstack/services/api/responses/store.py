@@ -110,6 +110,7 @@ class SQLiteStore(ResponseStore):
         writer.execute("PRAGMA journal_mode=WAL")
         writer.executescript(_SCHEMA)
         writer.commit()
+        self._prune(writer)  # before anything is read: what the limits drop is never answered
         self._lock = threading.Lock()
         self._pending: dict[str, Stored | None] = {}  # queued writes: a record, or None for a deletion
         self._queue: queue.Queue[tuple[str, Stored] | None] = queue.Queue()
@@ -125,7 +126,6 @@ class SQLiteStore(ResponseStore):
     # -- the one writer ---------------------------------------------------------------------------------
     def _write_loop(self, conn: sqlite3.Connection) -> None:
         writes, stop = 0, False
-        self._prune(conn)
         while not stop:
             batch: list[tuple[str, Stored]] = []
             op = self._queue.get()
