@@ -83,6 +83,16 @@ def test_model_keys_become_worker_flags() -> None:
     assert "--reasoning-parser" not in second  # none by default
 
 
+def test_the_api_server_keeps_stored_responses_in_the_run_directory(tmp_path: Path) -> None:
+    from llmstack.stack.config import parse_config
+    from llmstack.stack.plan import build_specs
+
+    cfg = parse_config({"stack": {"run_dir": str(tmp_path / "run")}, "api": {"response_retention": 50}})
+    (api,) = build_specs(cfg, ["api"], None)
+    assert api.argv[api.argv.index("--state-dir") + 1] == str(tmp_path / "run")
+    assert api.argv[api.argv.index("--response-retention") + 1] == "50"
+
+
 def test_missing_file_is_named(tmp_path: Path) -> None:
     for command in (["config", "check"], ["up"], ["pull"]):
         result = _cli(*command, "-c", str(tmp_path / "nope.toml"), home=tmp_path)
