@@ -37,6 +37,7 @@ BOTH: dict[str, Any] = {
     "seed": 7,
     "trust_remote_code": True,
     "embed_in_truncate": True,
+    "reasoning_parser": "qwen3",
     "heartbeat_interval": 0.5,
 }
 TRANSFORMERS: dict[str, Any] = {

@@ -190,12 +190,6 @@ def api(
             "it changes and on SIGHUP.",
         ),
     ] = None,
-    state_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--state-dir", envvar="LLMSTACK_STATE_DIR", help="Directory for the server's state (usage accounting)."
-        ),
-    ] = None,
     cluster_token: ClusterToken = None,
     sync_interval: Annotated[float, typer.Option(help="Seconds between routing-table syncs.")] = 1.0,
     request_timeout: Annotated[float, typer.Option(help="Seconds a request may take end to end.")] = 600.0,
@@ -206,18 +200,35 @@ def api(
             "(before the first token, silence is allowed while the worker's /health answers)."
         ),
     ] = 60.0,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            envvar="LLMSTACK_STATE_DIR",
+            help="Directory for the server's state: usage accounting (usage.db) and stored responses "
+            "(responses.sqlite3, for /v1/responses with store and previous_response_id). Default: usage is not "
+            "recorded and stored responses live in memory only; `llmstack up` passes the run directory.",
+        ),
+    ] = None,
+    response_retention: Annotated[
+        int, typer.Option("--response-retention", min=1, help="The most stored responses kept (oldest go first).")
+    ] = 10_000,
+    response_max_age_days: Annotated[
+        float, typer.Option("--response-max-age-days", min=0.0, help="Days a stored response is kept.")
+    ] = 30.0,
     ssl: SSL = False,
     ssl_certfile: SSLCert = None,
     ssl_keyfile: SSLKey = None,
     drain_timeout: DrainTimeout = 30.0,
     debug: Debug = False,
 ) -> None:
-    """Run the OpenAI-compatible API server (/v1/models, /v1/chat/completions, /v1/completions,
-    /v1/embeddings).
+    """Run the API server: OpenAI's /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings and
+    /v1/responses, Anthropic's /v1/messages (and count_tokens), and vLLM's /tokenize and /detokenize.
 
     Keys: --api-keys (plain, unlimited), --keys-file (named, with models and limits), and the stack's
     \\[\\[api.keys]] in LLMSTACK_API_KEY_RULES (JSON).  With --state-dir, usage per key, model and day is
-    recorded in STATE_DIR/usage.db (`llmstack usage --run-dir STATE_DIR`)."""
+    recorded in STATE_DIR/usage.db (`llmstack usage --run-dir STATE_DIR`) and stored responses in
+    STATE_DIR/responses.sqlite3."""
     from llmstack.common.http import is_loopback, parse_keys, serve, setup_logging
     from llmstack.services.api.app import APISettings, build_api_app
     from llmstack.services.api.keys.rules import KeysFileError, rules_from_env
@@ -247,6 +258,8 @@ def api(
         sync_interval=sync_interval,
         request_timeout=request_timeout,
         stream_timeout=stream_timeout,
+        response_retention=response_retention,
+        response_max_age=response_max_age_days * 86400.0,
     )
     try:
         app = build_api_app(settings)

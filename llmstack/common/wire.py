@@ -156,6 +156,9 @@ class GenerateRequest(BaseModel):
     tools: ToolSpec | None = None
     priority: int = Field(0, description="higher goes first in the worker's queue (the API key's priority)")
     report_prompt_tokens: bool = Field(False, description="send a PromptEvent first, before generating")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="further variables for the chat template (enable_thinking, reasoning_effort, ...)"
+    )
 
 
 class EmbedRequest(BaseModel):
@@ -171,10 +174,23 @@ class EmbedReply(BaseModel):
 
 
 class CountTokensRequest(BaseModel):
+    """Tokenise a prompt or a chat (as `/generate` would); the reply has `count` and `context_length`,
+    and with `return_tokens` the ids and their vocabulary entries too."""
+
     model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
+    tools: ToolSpec | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool | None = Field(None, description="prompts only; default: the tokenizer's own")
+    return_tokens: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: list[int] = Field(max_length=1_000_000)
 
 
 # -- generation stream events (one JSON object per line) --------------------------------------------
@@ -192,7 +208,9 @@ class TextEvent(TypedDict):
     `logprobs`: one entry per token in OpenAI's chat shape (`token`, `logprob`, `bytes`,
     `top_logprobs`); on an echo event they are the prompt's (the first token's logprob is None).
     `tool_calls`: OpenAI's streamed tool-call deltas (`index`, and `id`, `type`, `function.name` on a
-    call's first delta; `function.arguments` pieces)."""
+    call's first delta; `function.arguments` pieces).  `reasoning`: a thinking model's reasoning text
+    (the model's reasoning parser took it out of `text`; it comes before the event's `text`).
+    `stop_sequence`: on the last event, the stop string that ended the choice, when one did."""
 
     index: int
     text: str
@@ -200,10 +218,13 @@ class TextEvent(TypedDict):
     finish_reason: NotRequired[str | None]
     logprobs: NotRequired[list[dict[str, Any]]]
     tool_calls: NotRequired[list[dict[str, Any]]]
+    reasoning: NotRequired[str]
+    stop_sequence: NotRequired[str]
 
 
 class UsageEvent(TypedDict):
-    """The stream's last line: exact token counts over all choices."""
+    """The stream's last line: exact token counts over all choices (`prompt_tokens`,
+    `completion_tokens`, and `reasoning_tokens`: the completion tokens spent reasoning)."""
 
     usage: dict[str, int]
 

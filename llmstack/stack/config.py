@@ -148,6 +148,8 @@ class APISection(_Section):
     sync_interval: float = Field(1.0, gt=0)
     request_timeout: float = Field(600.0, gt=0)
     stream_timeout: float = Field(60.0, gt=0, description="longest silence from a worker mid-stream")
+    response_retention: int = Field(10_000, ge=1, description="the most stored responses kept (/v1/responses)")
+    response_max_age_days: float = Field(30.0, ge=0, description="days a stored response is kept")
     ssl: TLS = TLS()
 
     @model_validator(mode="after")
@@ -180,6 +182,8 @@ class APISection(_Section):
             "--host", self.host, "--port", str(self.port), "--controller-address", controller_url,
             "--sync-interval", str(self.sync_interval), "--request-timeout", str(self.request_timeout),
             "--stream-timeout", str(self.stream_timeout),
+            "--response-retention", str(self.response_retention),
+            "--response-max-age-days", str(self.response_max_age_days),
             *self.ssl.args(),
         ]  # fmt: skip
 

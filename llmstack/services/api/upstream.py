@@ -279,13 +279,18 @@ def _merge_text_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and "tool_calls" not in last
             and "tool_calls" not in event
             and ("logprobs" in last) == ("logprobs" in event)
+            and not ("reasoning" in event and last["text"])  # reasoning after text: keep the order
         ):
+            if "reasoning" in event:
+                last["reasoning"] = last.get("reasoning", "") + event["reasoning"]
             last["text"] += event["text"]
             last["tokens"] += event["tokens"]
             if "logprobs" in event:
                 last["logprobs"] = last["logprobs"] + event["logprobs"]
             if event.get("finish_reason"):
                 last["finish_reason"] = event["finish_reason"]
+                if "stop_sequence" in event:
+                    last["stop_sequence"] = event["stop_sequence"]
         else:
             merged.append(event)
     return merged

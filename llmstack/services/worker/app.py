@@ -1,7 +1,7 @@
 """The model worker: one engine behind a small HTTP API, registered with a controller.
 
-Routes: `POST /generate` (NDJSON stream of deltas), `POST /embeddings`, `POST /count_tokens`,
-`GET /model_details`, `GET /health`.
+Routes: `POST /generate` (NDJSON stream of deltas), `POST /embeddings`, `POST /count_tokens` (also
+tokenises), `POST /detokenize`, `GET /model_details`, `GET /health`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from llmstack.common.http import check_bearer, install_error_handlers, is_loopba
 from llmstack.common.metrics import MetricsMiddleware, RequestTracker, ServingMetrics, gauge_collector
 from llmstack.common.wire import (
     CountTokensRequest,
+    DetokenizeRequest,
     EmbedReply,
     EmbedRequest,
     GenerateRequest,
@@ -38,6 +39,8 @@ from llmstack.common.wire import (
 )
 from llmstack.services.engines.base import Engine
 from llmstack.services.worker.admission import Admission
+from llmstack.services.worker.reasoning import ThinkReader
+from llmstack.services.worker.reasoning import reader_for as thinker_for
 from llmstack.services.worker.toolcalls import ToolCallReader, forced_structure, reader_for
 
 log = logging.getLogger("llmstack.worker")
@@ -55,6 +58,7 @@ class WorkerSettings:
     cluster_token: str | None = None
     embed_in_truncate: bool = False
     tool_parser: str = "hermes"  # how tool calls are read from the model's text (toolcalls.PARSERS)
+    reasoning_parser: str | None = None  # how reasoning is read from it (reasoning.PARSERS); None: not at all
     worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
@@ -99,9 +103,11 @@ class WorkerService:
         if req.messages is not None:
             spec = getattr(req, "tools", None)
             tools = spec.tools if spec is not None and spec.choice != "none" else None
-            return self.engine.encode(self.engine.render_chat(req.messages, tools), add_special_tokens=False)
+            prompt = self.engine.render_chat(req.messages, tools, req.chat_template_kwargs)
+            return self.engine.encode(prompt, add_special_tokens=False)
         if req.prompt is not None:
-            return self.engine.encode(req.prompt)
+            special = getattr(req, "add_special_tokens", None)
+            return self.engine.encode(req.prompt, True if special is None else special)
         raise InvalidRequest("either 'prompt' or 'messages' is required", param="prompt")
 
     def check_budget(self, prompt_len: int, params: SamplingParams) -> SamplingParams:
@@ -149,6 +155,15 @@ class WorkerService:
     def readers(self, spec: ToolSpec | None, n: int) -> list[ToolCallReader | None]:
         return [reader_for(spec, self.settings.tool_parser) if spec is not None else None for _ in range(n)]
 
+    def thinkers(self, prompt_ids: list[int], params: SamplingParams, chat: bool) -> list[ThinkReader | None]:
+        """Reasoning readers for a chat's choices (none for plain prompts, and none when a grammar
+        decides the whole output: it leaves no room to think)."""
+        parser = self.settings.reasoning_parser
+        if not parser or not chat or params.structure is not None:
+            return [None] * params.n
+        tail = self.engine.decode(prompt_ids[-8:]) if parser == "qwen3" else ""
+        return [thinker_for(parser, tail) for _ in range(params.n)]
+
     async def stream(
         self,
         prompt_ids: list[int],
@@ -156,6 +171,7 @@ class WorkerService:
         echo_text: str | None,
         tracker: RequestTracker,
         tools: ToolSpec | None = None,
+        chat: bool = False,
         *,
         priority: int = 0,
         report_prompt: bool = False,
@@ -164,9 +180,10 @@ class WorkerService:
         `report_prompt`, the prompt's token count goes first, before the request waits for a slot."""
         if report_prompt:
             yield _line({"prompt_tokens": len(prompt_ids)})
-        completion_tokens = 0
+        completion_tokens = reasoning_tokens = 0
         self.served += 1
         readers = self.readers(tools, params.n)
+        thinkers = self.thinkers(prompt_ids, params, chat)
         # echo text goes first; with prompt logprobs it waits for them (they come with the first chunk)
         echo_waiting = set(range(params.n)) if echo_text is not None and params.prompt_logprobs is not None else set()
         try:
@@ -183,9 +200,16 @@ class WorkerService:
                         tracker.first_token()
                         completion_tokens += chunk.tokens
                         self.generated_tokens += chunk.tokens
-                        yield _line(_event(index, chunk, readers[index]))
+                        thinker = thinkers[index]
+                        event = _event(index, chunk, readers[index], thinker)
+                        if thinker is not None and (thinker.thinking or ("reasoning" in event and not event["text"])):
+                            reasoning_tokens += chunk.tokens  # still thinking, or the chunk that ended it
+                        yield _line(event)
             tracker.usage(len(prompt_ids), completion_tokens)
-            yield _line({"usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens}})
+            usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens}
+            if any(thinkers):
+                usage["reasoning_tokens"] = reasoning_tokens
+            yield _line({"usage": usage})
         except LLMStackError as exc:
             tracker.failed(exc.status_code)
             yield _line(exc.to_body())
@@ -295,8 +319,16 @@ class WorkerService:
             log.warning("could not unregister from controller: %s", exc)
 
 
-def _event(index: int, chunk: Any, reader: ToolCallReader | None = None) -> dict[str, Any]:
+def _event(
+    index: int, chunk: Any, reader: ToolCallReader | None = None, thinker: ThinkReader | None = None
+) -> dict[str, Any]:
     text, finish = chunk.text, chunk.finish_reason
+    reasoning = ""
+    if thinker is not None:  # reasoning first: tool calls are read from the answer only
+        reasoning, text = thinker.feed(text)
+        if finish is not None:
+            more_reasoning, more_text = thinker.finish()
+            reasoning, text = reasoning + more_reasoning, text + more_text
     calls: list[dict[str, Any]] = []
     if reader is not None:
         text, calls = reader.feed(text)
@@ -305,8 +337,12 @@ def _event(index: int, chunk: Any, reader: ToolCallReader | None = None) -> dict
             text += tail
             calls += more
     event: dict[str, Any] = {"index": index, "text": text, "tokens": chunk.tokens}
+    if reasoning:
+        event["reasoning"] = reasoning
     if finish is not None:
         event["finish_reason"] = finish
+        if chunk.stop_sequence is not None:
+            event["stop_sequence"] = chunk.stop_sequence
     if chunk.logprobs is not None:
         event["logprobs"] = chunk.logprobs
     if calls:
@@ -395,7 +431,16 @@ def build_worker_app(settings: WorkerSettings, engine: Engine) -> FastAPI:
 
     @app.post("/count_tokens", dependencies=[Depends(require_token)])
     async def count_tokens(req: CountTokensRequest) -> dict:
-        return {"count": len(service.prompt_ids(req)), "context_length": engine.context_length}
+        ids = service.prompt_ids(req)
+        reply: dict[str, Any] = {"count": len(ids), "context_length": engine.context_length}
+        if req.return_tokens:
+            reply["tokens"] = ids
+            reply["token_strs"] = engine.token_strs(ids)
+        return reply
+
+    @app.post("/detokenize", dependencies=[Depends(require_token)])
+    async def detokenize(req: DetokenizeRequest) -> dict:
+        return {"prompt": engine.decode(req.tokens)}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint():  # noqa: ANN202
@@ -416,7 +461,14 @@ def build_worker_app(settings: WorkerSettings, engine: Engine) -> FastAPI:
             raise Overloaded(f"worker queue is full ({service.admission.max_queue} waiting)")
         echo = (req.prompt or "") if req.echo else None
         stream = service.stream(
-            prompt_ids, params, echo, tracker, req.tools, priority=req.priority, report_prompt=req.report_prompt_tokens
+            prompt_ids,
+            params,
+            echo,
+            tracker,
+            req.tools,
+            chat=req.messages is not None,
+            priority=req.priority,
+            report_prompt=req.report_prompt_tokens,
         )
         return StreamingResponse(stream, media_type="application/x-ndjson")
 

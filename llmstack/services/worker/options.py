@@ -16,11 +16,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmstack.common.net import ALL_INTERFACES
+from llmstack.services.worker.reasoning import PARSERS as REASONING_PARSERS
 from llmstack.services.worker.toolcalls import PARSERS
 
 Backend = Literal["transformers", "vllm"]
 Port = Annotated[int, Field(ge=1, le=65535)]
 ToolParser = Literal[tuple(PARSERS)]  # type: ignore[valid-type]
+ReasoningParser = Literal[REASONING_PARSERS]  # type: ignore[valid-type]
 VLLM_PANEL = "vLLM engine (--backend vllm)"
 
 
@@ -132,6 +134,14 @@ class WorkerOptions(BaseModel):
             "as Qwen 2.5/3 and Hermes models write them)."
         ),
     ] = "hermes"
+    reasoning_parser: Annotated[
+        ReasoningParser | None,
+        Opt(
+            "How a thinking model's reasoning is read from its text and returned apart from the answer "
+            "(qwen3: a leading <think> block; deepseek_r1: everything before </think>). Default: none.",
+            example="qwen3",
+        ),
+    ] = None
     heartbeat_interval: Annotated[float, Field(gt=0), Opt("Seconds between heartbeats.")] = 3.0
     # GPTQ/AWQ load from a pre-quantized checkpoint; these are checked against its quantization_config
     gptq_ckpt: Annotated[

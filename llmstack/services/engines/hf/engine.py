@@ -93,6 +93,8 @@ class _Sequence:
 
     def take_chunk(self, finish: str | None = None) -> Chunk:
         chunk = Chunk(self.pending_text, self.pending_tokens, finish, self.pending_logprobs, self.prompt_logprobs)
+        if finish is not None and self.stops is not None:
+            chunk.stop_sequence = self.stops.matched
         self.pending_text, self.pending_tokens, self.prompt_logprobs = "", 0, None
         if self.pending_logprobs is not None:
             self.pending_logprobs = []

@@ -236,8 +236,14 @@ class ChatRenderer:
             kwargs["chat_template"] = self.template.jinja
         return self.tokenizer.apply_chat_template(messages, **kwargs)
 
-    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
-        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        # the request's own variables first: the renderer's settings below always win
+        kwargs: dict[str, Any] = {**(template_kwargs or {}), "tokenize": False, "add_generation_prompt": True}
         if self.template is not None:
             kwargs["chat_template"] = self.template.jinja
         if self.native_tools:

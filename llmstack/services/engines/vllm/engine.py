@@ -291,7 +291,8 @@ class VLLMEngine(TemplatedEngine):
                 reason = completion.finish_reason
                 if reason not in ("stop", "length"):
                     raise LLMStackError(f"the vLLM engine ended the generation ({reason})")
-                yield Chunk(completion.text, tokens, reason, logprobs, first_prompt)
+                stop = completion.stop_reason if isinstance(completion.stop_reason, str) else None
+                yield Chunk(completion.text, tokens, reason, logprobs, first_prompt, stop)
                 return
         except self._overflow_error as exc:
             raise Overloaded(f"the vLLM engine's queue is full: {exc}", retry_after=1) from exc
