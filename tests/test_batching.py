@@ -55,7 +55,7 @@ class Harness:
 
         def recording_accept(seq: Any, token: int) -> bool:
             self.ids[tuple(seq.prompt_ids)] = seq.generated  # the sequence's own list, as it grows
-            self.max_rows = max(self.max_rows, len(self.engine._rows))
+            self.max_rows = max(self.max_rows, self.engine.stats().batch_size)
             return accept(seq, token)
 
         self.engine._accept = recording_accept  # type: ignore[method-assign]

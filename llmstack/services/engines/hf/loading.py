@@ -33,6 +33,7 @@ class HFEngineConfig:
     awq: dict[str, Any] = field(default_factory=dict)  # wbits, groupsize, ckpt
     max_batch_size: int = 32  # sequences decoded together in one forward pass
     max_batch_tokens: int = 16384  # KV-cache positions the batch may hold (rows x padded width)
+    prefix_caching: bool = True  # reuse the cached keys/values of a prompt's already-seen prefix
 
 
 @dataclass
