@@ -172,13 +172,21 @@ class HFEngine(TemplatedEngine):
             self.context_length,
             self.renderer.name if self.renderer else "-",
             sorted(self.eos_ids),
-            f"batching up to {cfg.max_batch_size} sequences / {cfg.max_batch_tokens} cached tokens"
-            if self._batched
-            else "sequential generation",
+            self._describe_batching(),
+        )
+
+    def _describe_batching(self) -> str:
+        if not self._batched or self._batchable is None:
+            return "sequential generation"
+        cfg = self.cfg
+        return (
+            f"batching up to {cfg.max_batch_size} sequences / {cfg.max_batch_tokens} cached tokens "
+            f"({self._batchable.layout.describe()}), prefix caching {'on' if cfg.prefix_caching else 'off'}"
         )
 
     def _batching_unsupported(self) -> str | None:
-        """Why the batched path cannot run this model, or None (checked once, by running it: `probe`)."""
+        """Why the batched path cannot run this model, or None and the batcher set up (checked once, by
+        running it: `probe`)."""
         import torch
 
         with torch.inference_mode():
@@ -186,6 +194,8 @@ class HFEngine(TemplatedEngine):
         if isinstance(how, str):
             return how
         self._batchable = how
+        limits = BatchLimits(self.cfg.max_batch_size, self.cfg.max_batch_tokens)
+        self._batcher = Batcher(self, how, limits, self.cfg.prefix_caching)
         return None
 
     async def close(self) -> None:
@@ -255,10 +265,6 @@ class HFEngine(TemplatedEngine):
     def _loop(self) -> None:
         import torch
 
-        if self._batched:
-            assert self._batchable is not None
-            limits = BatchLimits(self.cfg.max_batch_size, self.cfg.max_batch_tokens)
-            self._batcher = Batcher(self, self._batchable, limits, self.cfg.prefix_caching)
         with torch.inference_mode():
             while True:
                 batcher = self._batcher
