@@ -70,6 +70,13 @@ def test_flags_map_onto_engine_args_and_engine_args_win() -> None:
     }
 
 
+def test_no_prefix_caching_turns_it_off_in_vllm_too() -> None:
+    on = EngineOptions(backend="vllm", model_path="/m", model_names=["m"])
+    assert "enable_prefix_caching" not in vllm_engine_args(on)  # vLLM's own default (on)
+    off = EngineOptions(backend="vllm", model_path="/m", model_names=["m"], prefix_caching=False)
+    assert vllm_engine_args(off)["enable_prefix_caching"] is False
+
+
 def test_removed_and_unknown_engine_args() -> None:
     kwargs, notes = resolve_engine_args("/m", {"max_num_seqs": 4, "engine_use_ray": True, "max_paddings": 256})
     assert kwargs == {"model": "/m", "max_num_seqs": 4}

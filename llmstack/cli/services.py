@@ -141,6 +141,14 @@ def worker(
     max_batch_tokens: Annotated[
         int, typer.Option("--max-batch-tokens", help="KV-cache positions the running batch may hold.")
     ] = 16384,
+    prefix_caching: Annotated[
+        bool,
+        typer.Option(
+            "--prefix-caching/--no-prefix-caching",
+            help="Reuse the cached keys/values of a prompt's already-seen prefix (a shared system prompt, "
+            "earlier chat turns).",
+        ),
+    ] = True,
     no_register: Annotated[bool, typer.Option("--no-register", help="Do not register with a controller.")] = False,
     seed: Annotated[int | None, typer.Option(help="Global random seed.")] = None,
     trust_remote_code: Annotated[
@@ -333,6 +341,7 @@ def worker(
         stream_interval=stream_interval,
         max_batch_size=max_batch_size,
         max_batch_tokens=max_batch_tokens,
+        prefix_caching=prefix_caching,
         seed=seed,
         embed_in_truncate=embed_in_truncate,
         # only what was given: the factory rejects options of the other backend

@@ -124,6 +124,7 @@ class ModelSection(_Section):
     limit_worker_concurrency: int | None = Field(None, ge=1, description="default: max_batch_size (vllm: 1024)")
     max_batch_size: int | None = Field(None, ge=1, description="transformers: sequences decoded together")
     max_batch_tokens: int | None = Field(None, ge=1, description="transformers: KV positions the batch may hold")
+    prefix_caching: bool = Field(True, description="reuse the cached keys/values of already-seen prompt prefixes")
     max_queue: int = Field(256, ge=0)
     stream_interval: int = Field(1, ge=1)
     seed: int | None = None
@@ -193,6 +194,8 @@ class ModelSection(_Section):
         ):  # fmt: skip
             if on:
                 a.append(flag)
+        if not self.prefix_caching:
+            a.append("--no-prefix-caching")
         if self.engine_args:
             a += ["--engine-args", json.dumps(self.engine_args)]
         return a

@@ -54,6 +54,7 @@ class EngineOptions:
     stream_interval: int = 1
     max_batch_size: int = 32  # transformers' continuous batching (vLLM: --max-num-seqs)
     max_batch_tokens: int = 16384
+    prefix_caching: bool = True  # both backends (vLLM: enable_prefix_caching, left at its default when on)
     seed: int | None = None
     embed_in_truncate: bool = False
     # transformers only: those left at their default are absent
@@ -103,6 +104,7 @@ def _transformers(opts: EngineOptions) -> Engine:
             stream_interval=opts.stream_interval,
             max_batch_size=opts.max_batch_size,
             max_batch_tokens=opts.max_batch_tokens,
+            prefix_caching=opts.prefix_caching,
             seed=opts.seed,
             embed_in_truncate=opts.embed_in_truncate,
             max_gpu_memory=hf.pop("max_gpu_memory", None),
@@ -128,6 +130,8 @@ def vllm_engine_args(opts: EngineOptions) -> dict[str, Any]:
         args["seed"] = opts.seed
     if opts.stream_interval > 1:
         args["stream_interval"] = opts.stream_interval
+    if not opts.prefix_caching:
+        args["enable_prefix_caching"] = False
     args.update(opts.vllm)
     args.update(opts.extra_flags)
     args.update(opts.engine_args)
