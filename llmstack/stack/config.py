@@ -10,9 +10,11 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llmstack.services.worker.options import Port, WorkerOptions, flag_of, off_flag_of
 
 DEFAULT_CONFIG = "stack.toml"
 FIRST_WORKER_PORT = 21002
@@ -24,9 +26,6 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-
-
-Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 class TLS(_Section):
@@ -100,104 +99,39 @@ class ControllerSection(_Section):
         ]  # fmt: skip
 
 
-class ModelSection(_Section):
-    """One model worker (or `replicas` of them).  Keys mirror `llmstack worker` flags."""
+class ModelSection(WorkerOptions):
+    """One model worker (or `replicas` of them): every worker option (`services/worker/options.py`) as a
+    key, plus where the model comes from and how many workers serve it."""
 
-    model: str = Field(min_length=1, description="ModelScope / Hugging Face id, or a local directory")
-    names: list[str] = Field(default_factory=list, description="served names (aliases); default: last path part")
     source: Literal["modelscope", "huggingface", "local"] = "modelscope"
-    revision: str | None = None
     cache_dir: str | None = None
-    backend: Literal["transformers", "vllm"] = "transformers"
-    host: str = "127.0.0.1"
-    port: Port | None = None
-    worker_address: str | None = None
+    port: Port | None = Field(None, description="default: counted up from 21002")  # type: ignore[assignment]
     replicas: int = Field(1, ge=1, le=64)
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    gpus: str | None = Field(None, pattern=r"^\d+(,\d+)*$")
-    num_gpus: int = Field(1, ge=1)
-    max_gpu_memory: str | None = Field(None, pattern=r"^\d+(\.\d+)?\s*(GiB|GB|MiB|MB)$")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    load_8bit: bool = False
-    cpu_offloading: bool = False
-    conv_template: str | None = None
-    limit_worker_concurrency: int | None = Field(None, ge=1, description="default: max_batch_size (vllm: 1024)")
-    max_batch_size: int | None = Field(None, ge=1, description="transformers: sequences decoded together")
-    max_batch_tokens: int | None = Field(None, ge=1, description="transformers: KV positions the batch may hold")
-    prefix_caching: bool = Field(True, description="reuse the cached keys/values of already-seen prompt prefixes")
-    max_queue: int = Field(256, ge=0)
-    stream_interval: int = Field(1, ge=1)
-    seed: int | None = None
-    trust_remote_code: bool = False
-    embed_in_truncate: bool = False
-    tool_parser: Literal["hermes"] = "hermes"
-    heartbeat_interval: float = Field(3.0, gt=0)
-    engine_args: dict[str, Any] = Field(default_factory=dict, description="extra engine arguments (vLLM)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for this worker")
 
-    @field_validator("conv_template")
-    @classmethod
-    def _template(cls, name: str | None) -> str | None:
-        if name is not None:
-            from llmstack.services.engines.text.templates import get_template  # a small, import-free module
-
-            get_template(name)
-        return name
-
-    @field_validator("names")
-    @classmethod
-    def _names(cls, names: list[str]) -> list[str]:
-        if len(set(names)) != len(names):
-            raise ValueError("names must be unique")
-        if any(not n.strip() or "," in n for n in names):
-            raise ValueError("names must be non-empty and contain no commas")
-        return names
-
     @model_validator(mode="after")
-    def _combinations(self) -> ModelSection:
-        if self.cpu_offloading and not self.load_8bit:
-            raise ValueError("cpu_offloading needs load_8bit = true")
-        if self.load_8bit and self.backend == "vllm":
-            raise ValueError("load_8bit is a transformers option; for vllm use engine_args.quantization")
-        if self.engine_args and self.backend != "vllm":
-            raise ValueError('engine_args only apply to backend = "vllm"')
+    def _replicas(self) -> ModelSection:
         if self.replicas > 1 and self.port is not None:
             raise ValueError("replicas > 1 cannot share one fixed port; leave port unset")
         return self
 
-    @property
-    def served_names(self) -> list[str]:
-        return self.names or [self.model.rstrip("/").rsplit("/", 1)[-1]]
-
     def args(self, model_path: str, port: int, controller_url: str) -> list[str]:
-        a = ["--model-path", model_path, "--host", self.host, "--port", str(port)]
-        a += ["--controller-address", controller_url, "--model-names", ",".join(self.served_names)]
-        if self.worker_address:
-            a += ["--worker-address", self.worker_address]
-        if self.backend != "transformers":
-            a += ["--backend", self.backend]
-        if self.revision:
-            a += ["--revision", self.revision]
-        for flag, value in (
-            ("--device", self.device), ("--gpus", self.gpus), ("--num-gpus", self.num_gpus),
-            ("--max-gpu-memory", self.max_gpu_memory), ("--dtype", self.dtype),
-            ("--conv-template", self.conv_template), ("--limit-worker-concurrency", self.limit_worker_concurrency),
-            ("--max-batch-size", self.max_batch_size), ("--max-batch-tokens", self.max_batch_tokens),
-            ("--max-queue", self.max_queue), ("--stream-interval", self.stream_interval), ("--seed", self.seed),
-            ("--heartbeat-interval", self.heartbeat_interval), ("--tool-parser", self.tool_parser),
-        ):  # fmt: skip
-            if value is not None:
+        """`llmstack worker`'s command line for this entry: every option that differs from its default."""
+        a = ["--model-path", model_path, "--port", str(port), "--controller-address", controller_url]
+        a += ["--model-names", ",".join(self.served_names)]
+        for name in self.given():
+            if name in ("model", "names", "port"):
+                continue
+            value = getattr(self, name)
+            flag = flag_of(name)
+            if isinstance(value, bool):
+                a.append(flag if value else off_flag_of(name))  # given: not at its default
+            elif isinstance(value, dict):
+                a += [flag, json.dumps(value)]
+            elif isinstance(value, list):
+                a += [flag, ",".join(value)]
+            else:
                 a += [flag, str(value)]
-        for flag, on in (
-            ("--load-8bit", self.load_8bit), ("--cpu-offloading", self.cpu_offloading),
-            ("--trust-remote-code", self.trust_remote_code), ("--embed-in-truncate", self.embed_in_truncate),
-        ):  # fmt: skip
-            if on:
-                a.append(flag)
-        if not self.prefix_caching:
-            a.append("--no-prefix-caching")
-        if self.engine_args:
-            a += ["--engine-args", json.dumps(self.engine_args)]
         return a
 
 

@@ -1,0 +1,24 @@
+"""Addresses, ports and tokens, once: the URL a service is reached at, the bearer header, whether a port is
+free, whether a service answers its health check."""
+
+from __future__ import annotations
+
+ALL_INTERFACES = ("0.0.0.0", "::")
+
+
+def service_url(host: str, port: int, tls: bool = False) -> str:
+    """The URL to reach a service bound to `host:port` from this machine (an all-interfaces bind is
+    reached on loopback; an IPv6 literal is bracketed)."""
+    shown = "127.0.0.1" if host in ALL_INTERFACES else host
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    """The `Authorization` header for a bearer token; no header without one."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
