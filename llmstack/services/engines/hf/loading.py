@@ -67,7 +67,11 @@ def _torch_dtype(name: str, device: str) -> Any:
     if name == "auto":
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device == "mps" else torch.float32
+        if device == "mps":
+            return torch.float16
+        from llmstack.services.engines.hardware import this_cpu_dtype
+
+        return getattr(torch, this_cpu_dtype())  # bfloat16 only where the CPU computes it fast
     try:
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
     except KeyError:
