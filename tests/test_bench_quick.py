@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.timeout(1200)
 def test_fastchat_compare_quick_runs_everything(tmp_path: Path) -> None:
     import matplotlib  # noqa: F401  - the bench extra (scripts/install.sh installs it): fail here, not skip
+
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "fastchat_compare.py"), "--quick", "--out", str(out)],

@@ -58,9 +58,6 @@ class HFEngineStats(EngineStats):
     preemptions: int = 0  # rows evicted (and later resumed) to keep within the token budget, since start
     prefilling: int = 0  # sequences admitted whose prompt is still being prefilled
     prefix_caching: bool = False
-    prefix_cache_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache, since start
-    prefix_cache_hit_tokens: int = 0  # of those, served from it
-    prefix_cache_hit_rate: float | None = None  # hit / queried tokens, since start (None: caching off)
     prefix_cache_positions: float = 0.0  # cache positions the prefix cache holds now
 
 
@@ -255,9 +252,8 @@ class HFEngine(TemplatedEngine):
             preemptions=batcher.preemptions if batcher is not None else 0,
             prefilling=prefilling,
             prefix_caching=prefix is not None,
-            prefix_cache_queried_tokens=prefix.stats.queried_tokens if prefix is not None else 0,
-            prefix_cache_hit_tokens=prefix.stats.hit_tokens if prefix is not None else 0,
-            prefix_cache_hit_rate=prefix.stats.hit_rate if prefix is not None else None,
+            prefix_cache_queried_tokens=prefix.stats.queried_tokens if prefix is not None else None,
+            prefix_cache_hit_tokens=prefix.stats.hit_tokens if prefix is not None else None,
             prefix_cache_positions=prefix.held if prefix is not None else 0.0,
         )
 
