@@ -82,8 +82,13 @@ class Harness:
 
 
 def harness(model_dir: Path, **cfg: Any) -> Iterator[Harness]:
-    """A started engine for `model_dir` (on the CPU, with these HFEngineConfig settings); closed after."""
+    """A started engine for `model_dir` (on the CPU, with these HFEngineConfig settings); closed after.
+
+    float32 unless `dtype` says otherwise: greedy output is compared token for token between a batch
+    and a sequence alone, and in bfloat16 the rounding of a matmul depends on its shape, enough to tip a
+    near-tie between two tokens."""
     loop = asyncio.new_event_loop()
+    cfg = {"dtype": "float32", **cfg}
     h = Harness(HFEngine(HFEngineConfig(model_path=str(model_dir), device="cpu", **cfg)), loop)
     try:
         yield h

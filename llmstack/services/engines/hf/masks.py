@@ -38,14 +38,21 @@ def decode_masks(layout: KVLayout, lengths: list[int], after: list[int], device:
     """One new token per row, at position lengths[r]; window layers hold `after[r]` columns once it is written."""
     out = ForwardMasks()
     if layout.full_layers:
-        pos = torch.tensor(lengths, device=device)
-        cols = torch.arange(max(lengths) + 1, device=device)
-        out.by_window[None] = _or_none((cols[None, :] <= pos[:, None]).view(len(lengths), 1, 1, -1))
+        if min(lengths) == max(lengths):  # aligned rows (e.g. one): every column is seen
+            out.by_window[None] = None
+        else:
+            pos = torch.tensor(lengths, device=device)
+            cols = torch.arange(max(lengths) + 1, device=device)
+            out.by_window[None] = (cols[None, :] <= pos[:, None]).view(len(lengths), 1, 1, -1)
     if layout.window:
-        held = torch.tensor(after, device=device)
         out.window_from = max(0, min(a - layout.window for a in after))
+        windows = {w for w in layout.windows if w is not None}
+        if min(after) == max(after) and windows == {layout.window}:  # the view is exactly each row's window
+            out.by_window[layout.window] = None
+            return out
+        held = torch.tensor(after, device=device)
         cols = torch.arange(out.window_from, max(after), device=device)
-        for window in {w for w in layout.windows if w is not None}:
+        for window in windows:
             mask = (cols[None, :] >= held[:, None] - window) & (cols[None, :] < held[:, None])
             out.by_window[window] = _or_none(mask.view(len(after), 1, 1, -1))
     return out

@@ -84,6 +84,7 @@ class _Plan:
     src_rows: torch.Tensor | None  # None: decode (every row one token, at input column 0)
     src_cols: torch.Tensor | None
     masks: ForwardMasks
+    flat: dict[tuple[bool, int, int], torch.Tensor] = field(default_factory=dict)  # see _flat_index
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -112,17 +113,33 @@ class _SlotLayer(CacheLayerMixin):
         plan = self.owner.plan
         if plan is None:
             raise RuntimeError("a forward through the slot cache needs a plan (SlotKV.begin)")
-        cols = plan.window_cols if self.is_sliding else plan.full_cols
+        index = self._flat_index(plan)
         if plan.src_rows is None:
-            self.k[plan.dst_rows, :, cols] = key_states[:, :, 0]
-            self.v[plan.dst_rows, :, cols] = value_states[:, :, 0]
+            keys, values = key_states[:, :, 0], value_states[:, :, 0]
         else:
-            self.k[plan.dst_rows, :, cols] = key_states[plan.src_rows, :, plan.src_cols]
-            self.v[plan.dst_rows, :, cols] = value_states[plan.src_rows, :, plan.src_cols]
+            keys = key_states[plan.src_rows, :, plan.src_cols]
+            values = value_states[plan.src_rows, :, plan.src_cols]
+        # one index_copy_ into the flattened slab (rows*heads*columns, dim): far cheaper per step than
+        # advanced-index assignment
+        self.k.view(-1, self.k.shape[3]).index_copy_(0, index, keys.reshape(-1, self.k.shape[3]))
+        self.v.view(-1, self.v.shape[3]).index_copy_(0, index, values.reshape(-1, self.v.shape[3]))
         n = plan.rows
         if self.is_sliding:
             return self.k[:n, :, plan.window_from : plan.window_to], self.v[:n, :, plan.window_from : plan.window_to]
         return self.k[:n, :, : plan.full_len], self.v[:n, :, : plan.full_len]
+
+    def _flat_index(self, plan: _Plan) -> torch.Tensor:
+        """Row-major positions in the flattened slab of every (new token, head) the plan writes; shared by
+        the layers of one shape."""
+        heads, columns = self.k.shape[1], self.k.shape[2]
+        key = (self.is_sliding, heads, columns)
+        index = plan.flat.get(key)
+        if index is None:
+            cols = plan.window_cols if self.is_sliding else plan.full_cols
+            head = torch.arange(heads, device=cols.device)
+            index = ((plan.dst_rows[:, None] * heads + head[None, :]) * columns + cols[:, None]).reshape(-1)
+            plan.flat[key] = index
+        return index
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return max(self.owner.lengths, default=0) + query_length, 0
