@@ -34,6 +34,7 @@ BOTH: dict[str, Any] = {
     "stream_interval": 2,
     "max_batch_size": 4,
     "max_batch_tokens": 999,
+    "prefix_caching": False,
     "seed": 7,
     "trust_remote_code": True,
     "embed_in_truncate": True,

@@ -80,6 +80,12 @@ def test_flags_map_onto_engine_args_and_engine_args_win() -> None:
     assert vllm_engine_args(WorkerOptions(backend="vllm", model="/m")) == {}  # defaults are vLLM's own
 
 
+def test_no_prefix_caching_turns_it_off_in_vllm_too() -> None:
+    assert "enable_prefix_caching" not in vllm_engine_args(WorkerOptions(backend="vllm", model="/m"))
+    off = WorkerOptions(backend="vllm", model="/m", prefix_caching=False)
+    assert vllm_engine_args(off) == {"enable_prefix_caching": False}
+
+
 def test_removed_and_unknown_engine_args() -> None:
     kwargs, notes = resolve_engine_args("/m", {"max_num_seqs": 4, "engine_use_ray": True, "max_paddings": 256})
     assert kwargs == {"model": "/m", "max_num_seqs": 4}

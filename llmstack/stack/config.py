@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmstack.services.api.keys.rules import KeyRule, check_unique, flat_rules
-from llmstack.services.worker.options import Port, WorkerOptions, flag_of
+from llmstack.services.worker.options import Port, WorkerOptions, flag_of, off_flag_of
 
 DEFAULT_CONFIG = "stack.toml"
 FIRST_WORKER_PORT = 21002
@@ -128,7 +128,7 @@ class ModelSection(WorkerOptions):
             value = getattr(self, name)
             flag = flag_of(name)
             if isinstance(value, bool):
-                a.append(flag)  # every boolean option is off by default
+                a.append(flag if value else off_flag_of(name))  # given: not at its default
             elif isinstance(value, dict):
                 a += [flag, json.dumps(value)]
             elif isinstance(value, list):

@@ -46,6 +46,16 @@ class EngineStats:
     tokens_per_s: float = 0.0
     batch_size: int | None = None  # sequences in the current forward pass (batching engines)
     kv_cache_usage: float | None = None  # fraction of the KV cache in use (engines that manage one)
+    # prefix caching, since start (None: the engine has none, or it is off)
+    prefix_cache_queried_tokens: int | None = None  # prompt tokens looked up
+    prefix_cache_hit_tokens: int | None = None  # of those, served from the cache
+
+    @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        queried, hits = self.prefix_cache_queried_tokens, self.prefix_cache_hit_tokens
+        if queried is None or hits is None:
+            return None
+        return hits / queried if queried else 0.0
 
 
 class Engine(abc.ABC):

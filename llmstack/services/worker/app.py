@@ -23,7 +23,13 @@ from fastapi.responses import StreamingResponse
 
 from llmstack.common.errors import ContextLengthExceeded, InvalidRequest, LLMStackError, Overloaded, ServiceUnavailable
 from llmstack.common.http import check_bearer, install_error_handlers, is_loopback
-from llmstack.common.metrics import MetricsMiddleware, RequestTracker, ServingMetrics, gauge_collector
+from llmstack.common.metrics import (
+    MetricsMiddleware,
+    RequestTracker,
+    ServingMetrics,
+    counter_collector,
+    gauge_collector,
+)
 from llmstack.common.wire import (
     CountTokensRequest,
     DetokenizeRequest,
@@ -491,7 +497,7 @@ def _endpoint(path: str) -> str | None:
 
 
 def _register_worker_gauges(service: WorkerService) -> None:
-    """Live figures read at scrape time: queue, and what the engine knows (batch, KV cache)."""
+    """Live figures read at scrape time: queue, and what the engine knows (batch, KV and prefix cache)."""
     registry = service.metrics.registry
     model = service.settings.model_names[0]
 
@@ -527,5 +533,29 @@ def _register_worker_gauges(service: WorkerService) -> None:
             "Recent decode speed.",
             ["model"],
             engine_figure("tokens_per_s"),
+        )
+    )
+    registry.register(
+        counter_collector(
+            "llmstack_worker_prefix_cache_queried_tokens",
+            "Prompt tokens looked up in the engine's prefix cache.",
+            ["model"],
+            engine_figure("prefix_cache_queried_tokens"),
+        )
+    )
+    registry.register(
+        counter_collector(
+            "llmstack_worker_prefix_cache_hit_tokens",
+            "Prompt tokens served from the engine's prefix cache.",
+            ["model"],
+            engine_figure("prefix_cache_hit_tokens"),
+        )
+    )
+    registry.register(
+        gauge_collector(
+            "llmstack_worker_prefix_cache_hit_ratio",
+            "Prompt tokens served from the prefix cache / tokens looked up, since start.",
+            ["model"],
+            engine_figure("prefix_cache_hit_rate"),
         )
     )

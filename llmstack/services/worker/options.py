@@ -122,6 +122,14 @@ class WorkerOptions(BaseModel):
     max_batch_tokens: Annotated[
         int, Field(ge=1), Opt("KV-cache positions the running batch may hold (transformers).")
     ] = 16384
+    prefix_caching: Annotated[
+        bool,
+        Opt(
+            "Reuse the cached keys/values of a prompt's already-seen prefix (a shared system prompt, earlier "
+            "chat turns).",
+            vllm="enable_prefix_caching",
+        ),
+    ] = True
     seed: Annotated[int | None, Opt("Global random seed.", vllm="seed")] = None
     trust_remote_code: Annotated[
         bool, Opt("Run the model repository's own code (Baichuan2 needs it).", vllm="trust_remote_code")
@@ -282,6 +290,11 @@ OPTIONS: dict[str, Opt] = {}
 
 def flag_of(name: str) -> str:
     return OPTIONS[name].flag or "--" + name.replace("_", "-")
+
+
+def off_flag_of(name: str) -> str:
+    """The flag that turns off a boolean option that is on by default (`--no-the-name`)."""
+    return "--no-" + flag_of(name).removeprefix("--")
 
 
 Surface = Literal["cli", "toml"]

@@ -33,6 +33,7 @@ class HFEngineConfig:
     awq: dict[str, Any] = field(default_factory=dict)  # wbits, groupsize, ckpt
     max_batch_size: int = 32  # sequences decoded together in one forward pass
     max_batch_tokens: int = 16384  # KV-cache positions the batch may hold (rows x padded width)
+    prefix_caching: bool = True  # reuse the cached keys/values of a prompt's already-seen prefix
 
 
 @dataclass
@@ -66,7 +67,11 @@ def _torch_dtype(name: str, device: str) -> Any:
     if name == "auto":
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device == "mps" else torch.float32
+        if device == "mps":
+            return torch.float16
+        from llmstack.services.engines.hardware import this_cpu_dtype
+
+        return getattr(torch, this_cpu_dtype())  # bfloat16 only where the CPU computes it fast
     try:
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
     except KeyError:
