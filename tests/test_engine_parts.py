@@ -8,9 +8,11 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoTokenizer
 
+from llmstack.services.engines.hardware import auto_cpu_dtype, cpu_flags
 from llmstack.services.engines.hf.loading import EngineConfigError, HFEngineConfig, context_length_of, plan_loading
 from llmstack.services.engines.text.decoding import IncrementalDetokenizer, StopStrings
 from llmstack.services.engines.text.templates import ChatRenderer, get_template
+from llmstack.services.engines.vllm.args import CPU_KV_CACHE_BYTES, cpu_defaults
 
 
 def feed_all(stops: StopStrings, deltas: list[str]) -> tuple[str, bool]:
@@ -118,7 +120,9 @@ def test_loading_plans() -> None:
     assert eight.kwargs["device_map"] == "cpu" and eight.move_to is None
     assert eight.kwargs["quantization_config"].load_in_8bit
     plain = plan_loading(_config(revision="v2"), PLAIN, "cpu")
-    assert plain.move_to == "cpu" and plain.kwargs["dtype"] == torch.float32 and plain.kwargs["revision"] == "v2"
+    fast = auto_cpu_dtype(cpu_flags())[0]  # auto on a CPU: what this one computes fast
+    assert plain.move_to == "cpu" and plain.kwargs["dtype"] == getattr(torch, fast) and plain.kwargs["revision"] == "v2"
+    assert plan_loading(_config(dtype="float32"), PLAIN, "cpu").kwargs["dtype"] == torch.float32
     half = plan_loading(_config(dtype="bfloat16"), PLAIN, "cpu")
     assert half.kwargs["dtype"] == torch.bfloat16
 
@@ -131,3 +135,28 @@ def test_context_length_from_config() -> None:
     assert (
         context_length_of(SimpleNamespace(max_position_embeddings=4096), SimpleNamespace(model_max_length=512)) == 512
     )
+
+
+AVX2 = "processor : 0\nflags : fpu sse2 avx avx2 fma\n"
+SAPPHIRE = "processor : 0\nflags : avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+GRAVITON = "processor : 0\nFeatures : fp asimd sve bf16 i8mm\n"
+
+
+def test_auto_dtype_on_a_cpu_is_bfloat16_only_with_bfloat16_units() -> None:
+    assert auto_cpu_dtype(cpu_flags(AVX2))[0] == "float32"
+    assert "emulated" in auto_cpu_dtype(cpu_flags(AVX2))[1]
+    assert auto_cpu_dtype(cpu_flags(SAPPHIRE)) == ("bfloat16", "the CPU has AVX512-BF16 and AMX-BF16")
+    assert auto_cpu_dtype(cpu_flags(GRAVITON))[0] == "bfloat16"
+    assert cpu_flags("") == set()
+
+
+def test_vllm_cpu_defaults_fill_only_what_is_left_open() -> None:
+    args, notes = cpu_defaults({"model": "/m"}, "float32", 64 * 2**30, {})
+    assert args == {"model": "/m", "dtype": "float32", "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+    assert len(notes) == 2 and "dtype float32" in notes[0]
+    small, _ = cpu_defaults({"model": "/m"}, "bfloat16", 4 * 2**30, {})
+    assert small["kv_cache_memory_bytes"] == 2**30 and small["dtype"] == "bfloat16"  # a quarter of what is free
+    given = {"model": "/m", "dtype": "half", "gpu_memory_utilization": 0.5}
+    assert cpu_defaults(given, "float32", 64 * 2**30, {}) == (given, [])
+    env, _ = cpu_defaults({"model": "/m", "dtype": "float32"}, "bfloat16", 64 * 2**30, {"VLLM_CPU_KVCACHE_SPACE": "4"})
+    assert env == {"model": "/m", "dtype": "float32"}

@@ -1,6 +1,7 @@
-"""Property-based fuzzing of the API server's /v1 surface (hypothesis): over 1,000 generated requests, valid
-and invalid, never a 5xx; every 4xx is OpenAI's error envelope; every 200 is valid against OpenAI's OpenAPI
-document (SSE chunks included); the server stays up.
+"""Property-based fuzzing of the API server's /v1 surface (hypothesis): over 1,400 generated requests, valid
+and invalid, never a 5xx; every 4xx is OpenAI's error envelope (Anthropic's on /v1/messages, in the anthropic
+SDK's types); every 200 is valid against OpenAI's OpenAPI document (SSE chunks and Responses events included),
+or, on /v1/messages, parses in the anthropic SDK's strict types; the server stays up.
 
 Valid bodies keep `max_tokens` (and `n`) small so the run takes a minute or two on the tiny model.
 """
@@ -14,10 +15,16 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from anthropic.types import Message as AnthropicMessage
+from anthropic.types import RawMessageStreamEvent
+from anthropic.types.shared import ErrorResponse as AnthropicError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import TypeAdapter
 
 from tests.conftest import ALIAS
+from tests.support.agent_apis import EVENT_SCHEMAS
+from tests.support.api_depth import SCHEMAS, TOOLS
 from tests.support.stack import Stack
 
 CHAT_MODELS = ["tiny", ALIAS, "tiny-8bit", "no-such-model", ""]
@@ -82,17 +89,70 @@ embedding_valid = st.fixed_dictionaries(
 )
 
 
+# the Responses API: text or items in, function tools, text formats, stored conversations
+response_input = short_text | st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "developer", "assistant"]), "content": short_text},
+        optional={"type": st.just("message")},
+    ),
+    min_size=1,
+    max_size=3,
+)
+responses_valid = st.fixed_dictionaries(
+    {
+        "model": st.sampled_from(CHAT_MODELS[:3]),
+        "input": response_input,
+        "max_output_tokens": st.integers(1, SMALL),
+    },
+    optional={
+        "instructions": short_text,
+        "temperature": st.floats(0, 2),
+        "top_p": st.floats(0, 1),
+        "stream": st.booleans(),
+        "store": st.booleans(),
+        "tools": st.just([{"type": "function", **t["function"]} for t in TOOLS]),
+        "tool_choice": st.sampled_from(["auto", "none"]),
+        "reasoning": st.just({"effort": "low"}),
+        "metadata": st.dictionaries(st.text(min_size=1, max_size=8), st.text(max_size=8), max_size=3),
+        "previous_response_id": st.just("resp_unknown"),
+    },
+)
+# Anthropic's Messages API
+anthropic_valid = st.fixed_dictionaries(
+    {
+        "model": st.sampled_from(CHAT_MODELS[:3]),
+        "max_tokens": st.integers(1, SMALL),
+        "messages": st.lists(
+            st.fixed_dictionaries({"role": st.just("user"), "content": short_text}), min_size=1, max_size=2
+        ),
+    },
+    optional={
+        "system": short_text,
+        "stream": st.booleans(),
+        "temperature": st.floats(0, 1),
+        "top_k": st.integers(0, 50),
+        "stop_sequences": st.lists(st.text(min_size=1, max_size=5), max_size=3),
+        "tools": st.just([{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in TOOLS]),
+        "thinking": st.sampled_from([{"type": "enabled", "budget_tokens": 1024}, {"type": "disabled"}]),
+        "metadata": st.just({"user_id": "u1"}),
+        "output_config": st.just({"format": {"type": "json_schema", "schema": SCHEMAS["mood"]}}),
+    },
+)
+
+
 def _bounded(body: Any) -> Any:
     """Keep generated work small: a number of tokens or choices between SMALL and a million becomes SMALL
     (larger ones stay: they must be rejected as context overflow), and a chat without a limit gets one."""
     if not isinstance(body, dict):
         return body
-    for key in ("max_tokens", "max_completion_tokens", "n", "best_of"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens", "n", "best_of"):
         value = body.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and SMALL < value < 1e6:
             body[key] = SMALL
     if "messages" in body and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = SMALL
+    if "input" in body and body.get("max_output_tokens") is None:
+        body["max_output_tokens"] = SMALL
     return body
 
 
@@ -148,12 +208,18 @@ def check(
     else:
         resp = client.request(method, path)
     assert resp.status_code < 500, (method, path, body, resp.status_code, resp.text[:500])
+    anthropic_shape = resp.request.url.path.startswith("/v1/messages")
     if resp.status_code >= 400:
-        validate("ErrorResponse", resp.json())
+        if anthropic_shape:
+            AnthropicError.model_validate(resp.json(), strict=True)
+        else:
+            validate("ErrorResponse", resp.json())
         return resp.status_code
     assert resp.status_code == 200, (path, body, resp.status_code)
     path = resp.request.url.path  # as sent: the client resolves dot segments ("/v1/models/." -> "/v1/models/")
-    if resp.headers["content-type"].startswith("text/event-stream"):
+    if path in ("/v1/responses", "/v1/messages"):
+        _check_agent_api(validate, path, resp)
+    elif resp.headers["content-type"].startswith("text/event-stream"):
         _check_sse(validate, path, resp.text)
     elif path in RESPONSE_SCHEMAS:
         validate(RESPONSE_SCHEMAS[path][0], resp.json())
@@ -162,6 +228,30 @@ def check(
     else:
         validate("Model", resp.json())
     return 200
+
+
+_STREAM_EVENT = TypeAdapter(RawMessageStreamEvent)
+
+
+def _check_agent_api(validate: Validate, path: str, resp: httpx.Response) -> None:
+    """A Responses body or event stream against OpenAI's document; an Anthropic one in the SDK's types."""
+    if not resp.headers["content-type"].startswith("text/event-stream"):
+        if path == "/v1/responses":
+            validate("Response", resp.json())
+        else:
+            AnthropicMessage.model_validate(resp.json(), strict=True)
+        return
+    events = [json.loads(line[6:]) for line in resp.text.split("\n") if line.startswith("data: ")]
+    assert events, resp.text[-300:]
+    for event in events:
+        if path == "/v1/responses":
+            validate(EVENT_SCHEMAS[event["type"]], event)
+        elif event["type"] == "error":
+            AnthropicError.model_validate(event, strict=True)
+        else:
+            _STREAM_EVENT.validate_python(event, strict=True)
+    last = events[-1]["type"]
+    assert last in ("response.completed", "response.incomplete", "response.failed", "message_stop", "error"), last
 
 
 def _check_sse(validate: Validate, path: str, text: str) -> None:
@@ -227,6 +317,13 @@ TOTAL: dict[str, int] = {}
         ),
         ("/v1/completions", completion_valid, ["prompt", "echo", "best_of", "logprobs", "suffix"], 300),
         ("/v1/embeddings", embedding_valid, ["input", "dimensions", "encoding_format"], 150),
+        (
+            "/v1/responses",
+            responses_valid,
+            ["input", "text", "tools", "tool_choice", "reasoning", "previous_response_id", "include", "truncation"],
+            200,
+        ),
+        ("/v1/messages", anthropic_valid, ["messages", "system", "tools", "tool_choice", "thinking"], 200),
     ],
 )
 def test_fuzz_post_endpoints(
@@ -249,7 +346,12 @@ def test_fuzz_other_routes_and_methods(api: httpx.Client, openapi_validate: Vali
         ),
         st.tuples(
             st.sampled_from(["GET", "PUT", "DELETE", "PATCH"]),
-            st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]),
+            st.sampled_from(
+                ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"]
+            ),
+        ),
+        st.tuples(st.sampled_from(["GET", "DELETE"]), st.text(min_size=1, max_size=30)).map(
+            lambda mr: (mr[0], "/v1/responses/" + quote(mr[1], safe=""))
         ),
         st.tuples(st.sampled_from(["GET", "POST"]), st.from_regex(r"\A/v1/[a-z_/]{0,20}\Z")),
     )
@@ -257,6 +359,6 @@ def test_fuzz_other_routes_and_methods(api: httpx.Client, openapi_validate: Vali
     print(f"other routes: {sum(statuses.values())} requests, statuses {dict(sorted(statuses.items()))}")
     TOTAL["other"] = sum(statuses.values())
     assert sum(statuses.values()) >= 200
-    if len(TOTAL) == 4:  # the whole module ran
-        assert sum(TOTAL.values()) >= 1000, TOTAL
+    if len(TOTAL) == 6:  # the whole module ran
+        assert sum(TOTAL.values()) >= 1400, TOTAL
     assert httpx.get(f"{stack.api_url}/health", timeout=5).json()["status"] == "ok"

@@ -48,7 +48,8 @@ def small_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) 
 
 
 def _traffic(stack: Stack) -> dict[str, int]:
-    """3 chat, 2 streamed chat, 1 completion (4 tokens each), and 3 errors; returns token totals."""
+    """3 chat, 2 streamed chat, 1 completion (4 tokens each), and 3 errors; returns token totals (and
+    the chat prompt's length: the same chat, so all but the first are prefix-cache hits)."""
     client = openai.OpenAI(base_url=stack.base_url, api_key="none", max_retries=0)
     prompt_tokens = 0
     for _ in range(3):
@@ -56,6 +57,7 @@ def _traffic(stack: Stack) -> dict[str, int]:
             model="tiny", messages=MESSAGES, max_tokens=4, extra_body={"ignore_eos": True}
         )
         prompt_tokens += r.usage.prompt_tokens
+    chat_prompt = r.usage.prompt_tokens
     for _ in range(2):
         stream = client.chat.completions.create(
             model="tiny", messages=MESSAGES, max_tokens=4, stream=True, stream_options={"include_usage": True},
@@ -70,7 +72,7 @@ def _traffic(stack: Stack) -> dict[str, int]:
         client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=9)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 3000}])
-    return {"prompt": prompt_tokens, "completion": 6 * 4}
+    return {"prompt": prompt_tokens, "completion": 6 * 4, "chat_prompt": chat_prompt}
 
 
 def _check(api_before, api_after, worker_before, worker_after, tokens: dict[str, int]) -> None:
@@ -94,6 +96,10 @@ def _check(api_before, api_after, worker_before, worker_after, tokens: dict[str,
     assert w("llmstack_worker_generation_tokens_total", model="tiny") == tokens["completion"]
     assert w("llmstack_worker_prompt_tokens_total", model="tiny") == tokens["prompt"]
     assert value(worker_after, "llmstack_worker_requests_queued", model="tiny") == 0
+    # every prompt is looked up in the prefix cache; 4 of the 5 chats reuse all but the last token of the first
+    assert w("llmstack_worker_prefix_cache_queried_tokens_total", model="tiny") == tokens["prompt"]
+    assert w("llmstack_worker_prefix_cache_hit_tokens_total", model="tiny") >= 4 * (tokens["chat_prompt"] - 1)
+    assert 0 < value(worker_after, "llmstack_worker_prefix_cache_hit_ratio", model="tiny") < 1
 
 
 def test_counters_match_traffic_and_survive_a_worker_restart(small_stack: Stack, tiny_model_dir: Path) -> None:

@@ -21,6 +21,7 @@ BOTH: dict[str, Any] = {
     "model": "/models/m",
     "names": ["a", "b"],
     "revision": "v2",
+    "gguf_file": "*q4_k_m.gguf",
     "host": "10.0.0.7",
     "port": 23456,
     "worker_address": "http://10.0.0.7:23456",
@@ -33,9 +34,11 @@ BOTH: dict[str, Any] = {
     "stream_interval": 2,
     "max_batch_size": 4,
     "max_batch_tokens": 999,
+    "prefix_caching": False,
     "seed": 7,
     "trust_remote_code": True,
     "embed_in_truncate": True,
+    "reasoning_parser": "qwen3",
     "heartbeat_interval": 0.5,
 }
 TRANSFORMERS: dict[str, Any] = {

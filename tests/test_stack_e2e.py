@@ -53,7 +53,7 @@ class StackFiles:
 [stack]
 name = "e2e"
 run_dir = "run"
-drain_timeout = 5
+drain_timeout = 120  # the drained stream below must finish even on a busy machine
 start_timeout = 180
 restart_backoff = 0.2
 restart_backoff_max = 1
@@ -193,9 +193,10 @@ def test_up_chat_status_logs_down(stack: StackFiles) -> None:
     assert models["tiny-chat"]["workers"] == 1 and models["tiny"]["workers"] == 1
     assert models["tiny-chat"]["memory_bytes"] > 10 * 2**20
     assert models["tiny-chat"]["ttft_p50_s"] > 0  # live figure from the API server's metrics
+    assert 0 <= models["tiny-chat"]["prefix_cache_hit_rate"] <= 1  # the worker's prefix cache, from its /health
     human = llmstack("status", "-c", str(stack.config))
     assert human.returncode == 0 and "worker-tiny-chat" in human.stdout and "tiny-chat" in human.stdout
-    assert "TTFT p50" in human.stdout
+    assert "TTFT p50" in human.stdout and "prefix hits" in human.stdout
     import pexpect  # a terminal, so the live display redraws in place
 
     watch = pexpect.spawn(

@@ -81,12 +81,39 @@ def test_named_reader_streams_arguments() -> None:
     assert calls[0]["name"] == "get_weather" and json.loads(calls[0]["arguments"])["city"] == "Oslo"
 
 
-def test_required_reader_reads_the_array_and_hands_back_broken_text() -> None:
-    text = '[{"name": "add", "arguments": {"a": 3, "b": 4}}, {"name": "get_weather", "arguments": {"city": "X", "unit": "celsius"}}]'
-    _, calls, finish = run(RequiredCallsReader(spec("required")), text, 9)
+REQUIRED = '[{"name": "add", "arguments": {"a": 3, "b": 4}}, {"name": "get_weather", "arguments": {"city": "X", "unit": "celsius"}}]'
+
+
+def test_required_reader_reads_the_array() -> None:
+    _, calls, finish = run(RequiredCallsReader(spec("required")), REQUIRED, 9)
     assert [c["name"] for c in calls] == ["add", "get_weather"] and finish == "tool_calls"
-    content, calls, finish = run(RequiredCallsReader(spec("required")), text[:20], 9, reason="length")
-    assert content == text[:20] and calls == [] and finish == "length"
+    content, calls, _ = run(RequiredCallsReader(spec("required")), "not an array", 9)
+    assert content == "not an array" and calls == []
+
+
+@pytest.mark.parametrize(
+    ("upto", "names", "last_arguments"),
+    [
+        ("[{", ["get_weather"], ""),  # not even the name: the first tool it can be
+        ('"ad', ["add"], ""),  # the tool the partial name can only be
+        ('"a": 3', ["add"], '{"a": 3'),  # inside the arguments: as far as they got
+        ('"b": 4}', ["add"], '{"a": 3, "b": 4}'),  # the item's own `}` missing
+        ("}},", ["add"], '{"a": 3, "b": 4}'),  # between two calls: the whole one only
+        ('}}, {"na', ["add", "get_weather"], ""),
+        ('"ci', ["add", "get_weather"], '{"ci'),
+    ],
+)
+def test_required_reader_cut_off_by_max_tokens_still_returns_calls(
+    upto: str, names: list[str], last_arguments: str
+) -> None:
+    """tool_choice required: a client that forced a call gets one, never half a JSON array as content."""
+    text = REQUIRED[: REQUIRED.index(upto) + len(upto)]
+    content, calls, finish = run(RequiredCallsReader(spec("required")), text, 9, reason="length")
+    assert content == "" and finish == "length"
+    assert [c["name"] for c in calls] == names, text
+    assert calls[-1]["arguments"] == last_arguments
+    if len(calls) == 2:
+        assert json.loads(calls[0]["arguments"]) == {"a": 3, "b": 4}
 
 
 def test_forced_structures_accept_exactly_valid_calls() -> None:
@@ -148,3 +175,13 @@ def test_merging_queued_output_keeps_logprobs_and_tool_calls() -> None:
     assert merged[0] == {"index": 0, "text": "ab", "tokens": 2, "logprobs": lp + lp}
     assert merged[1:3] == events[2:4]  # tool-call deltas stay one event each
     assert merged[3:] == events[4:]
+    thinking = [
+        {"index": 0, "text": "", "tokens": 1, "reasoning": "hm"},
+        {"index": 0, "text": "A", "tokens": 1, "reasoning": "m."},
+        {"index": 0, "text": "B", "tokens": 1, "finish_reason": "stop", "stop_sequence": "##"},
+    ]
+    assert _merge_text_events([dict(e) for e in thinking]) == [
+        {"index": 0, "text": "AB", "tokens": 3, "reasoning": "hmm.", "finish_reason": "stop", "stop_sequence": "##"}
+    ]
+    later = [{"index": 0, "text": "A", "tokens": 1}, {"index": 0, "text": "", "tokens": 1, "reasoning": "r"}]
+    assert _merge_text_events([dict(e) for e in later]) == later  # reasoning after text keeps its place

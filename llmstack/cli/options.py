@@ -18,7 +18,14 @@ import typer
 from pydantic import ValidationError
 
 from llmstack.cli.common import fail
-from llmstack.services.worker.options import OPTIONS, VLLM_PANEL, OptionProblem, WorkerOptions, flag_of
+from llmstack.services.worker.options import (
+    OPTIONS,
+    VLLM_PANEL,
+    OptionProblem,
+    WorkerOptions,
+    flag_of,
+    off_flag_of,
+)
 
 _KW = inspect.Parameter.KEYWORD_ONLY
 
@@ -41,8 +48,11 @@ def worker_parameters() -> list[inspect.Parameter]:
         default = inspect.Parameter.empty if field.is_required() else field.default
         if isinstance(default, list | dict):
             default = None  # parsed from text; empty means the schema's default
+        flag = flag_of(name)
+        if field.annotation is bool and default is True:  # on by default: --the-name/--no-the-name
+            flag = f"{flag}/{off_flag_of(name)}"
         info = typer.Option(
-            flag_of(name),
+            flag,
             help=opt.help,
             envvar=opt.envvar,
             rich_help_panel=VLLM_PANEL if opt.backend == "vllm" else None,

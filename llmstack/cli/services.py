@@ -4,6 +4,7 @@ terminals).  Thin: parse flags, build settings, call into `llmstack.services`.""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -147,25 +148,51 @@ def _with_pass_through(options: WorkerOptions, extra: list[str]) -> WorkerOption
 
 
 def _with_local_model(options: WorkerOptions) -> WorkerOptions:
-    """A hub id is downloaded (or found in the cache) first; the served names stay the id's."""
+    """A hub id is downloaded (or found in the cache) first, a `pypi:` model found in its package, a
+    --gguf-file picked; a .gguf file that the engine cannot serve fails here, before anything loads.  The
+    served names stay the id's."""
+    from llmstack.services.engines.gguf.files import is_gguf_path
+    from llmstack.services.engines.gguf.header import GGUFError, read_header
+    from llmstack.services.engines.gguf.support import check_servable
+
     path = options.model
-    if not path.startswith(("/", ".", "~")) and not os.path.isdir(path):
+    hub_id = not path.startswith(("/", ".", "~")) and not os.path.isdir(path) and not is_gguf_path(path)
+    if hub_id or options.gguf_file:
         from llmstack.stack.models import DownloadError, resolve_model
 
         try:
-            path = str(resolve_model(path, revision=options.revision))
-        except DownloadError as exc:
+            path = str(resolve_model(path, revision=options.revision, gguf_file=options.gguf_file))
+        except (DownloadError, GGUFError) as exc:
             fail(str(exc))
-    return options.model_copy(update={"model": os.path.expanduser(path), "names": options.served_names})
+    path = os.path.expanduser(path)
+    if is_gguf_path(path):
+        try:
+            check_servable(read_header(path), options.backend)
+        except GGUFError as exc:
+            fail(str(exc))
+    update = {"model": path, "names": options.served_names, "gguf_file": None}
+    return options.model_copy(update=update)
 
 
-@commands.command(epilog="Example: llmstack api --port 8000 --api-keys sk-one,sk-two")
+@commands.command(
+    epilog="Examples: llmstack api --port 8000 --api-keys sk-one,sk-two  |  "
+    "llmstack api --keys-file team-keys.toml --state-dir /srv/llm/state"
+)
 def api(
     host: Host = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     controller_address: ControllerAddress = "http://127.0.0.1:21001",
     api_keys: Annotated[
         str | None, typer.Option("--api-keys", envvar="LLMSTACK_API_KEYS", help="Comma-separated Bearer keys.")
+    ] = None,
+    keys_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--keys-file",
+            envvar="LLMSTACK_KEYS_FILE",
+            help="Named keys with models and limits (TOML, or JSON when the name ends in .json); reloaded when "
+            "it changes and on SIGHUP.",
+        ),
     ] = None,
     cluster_token: ClusterToken = None,
     sync_interval: Annotated[float, typer.Option(help="Seconds between routing-table syncs.")] = 1.0,
@@ -177,22 +204,49 @@ def api(
             "(before the first token, silence is allowed while the worker's /health answers)."
         ),
     ] = 60.0,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            envvar="LLMSTACK_STATE_DIR",
+            help="Directory for the server's state: usage accounting (usage.db) and stored responses "
+            "(responses.sqlite3, for /v1/responses with store and previous_response_id). Default: usage is not "
+            "recorded and stored responses live in memory only; `llmstack up` passes the run directory.",
+        ),
+    ] = None,
+    response_retention: Annotated[
+        int, typer.Option("--response-retention", min=1, help="The most stored responses kept (oldest go first).")
+    ] = 10_000,
+    response_max_age_days: Annotated[
+        float, typer.Option("--response-max-age-days", min=0.0, help="Days a stored response is kept.")
+    ] = 30.0,
     ssl: SSL = False,
     ssl_certfile: SSLCert = None,
     ssl_keyfile: SSLKey = None,
     drain_timeout: DrainTimeout = 30.0,
     debug: Debug = False,
 ) -> None:
-    """Run the OpenAI-compatible API server (/v1/models, /v1/chat/completions, /v1/completions,
-    /v1/embeddings)."""
+    """Run the API server: OpenAI's /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings and
+    /v1/responses, Anthropic's /v1/messages (and count_tokens), and vLLM's /tokenize and /detokenize.
+
+    Keys: --api-keys (plain, unlimited), --keys-file (named, with models and limits), and the stack's
+    \\[\\[api.keys]] in LLMSTACK_API_KEY_RULES (JSON).  With --state-dir, usage per key, model and day is
+    recorded in STATE_DIR/usage.db (`llmstack usage --run-dir STATE_DIR`) and stored responses in
+    STATE_DIR/responses.sqlite3."""
     from llmstack.common.http import parse_keys, serve, setup_logging
     from llmstack.common.net import is_loopback
     from llmstack.services.api.app import APISettings, build_api_app
+    from llmstack.services.api.keys.rules import KeysFileError, rules_from_env
+    from llmstack.services.api.keys.usage import StateDirInUse
 
     tls = _tls(ssl, ssl_certfile, ssl_keyfile)
     setup_logging("api", debug=debug)
     keys = parse_keys(api_keys)
-    if not is_loopback(host) and not keys:
+    try:
+        rules = rules_from_env(os.environ["LLMSTACK_API_KEY_RULES"]) if os.environ.get("LLMSTACK_API_KEY_RULES") else []
+    except KeysFileError as exc:
+        fail(str(exc))
+    if not is_loopback(host) and not keys and not rules and keys_file is None:
         typer.secho(
             f"warning: the API server listens on {host} without --api-keys: anyone who can reach it can use it",
             fg=typer.colors.YELLOW,
@@ -202,12 +256,21 @@ def api(
     settings = APISettings(
         controller_address=controller_address,
         api_keys=keys,
+        key_rules=rules,
+        keys_file=keys_file.expanduser().resolve() if keys_file else None,
+        state_dir=state_dir.expanduser().resolve() if state_dir else None,
         cluster_token=cluster_token,
         sync_interval=sync_interval,
         request_timeout=request_timeout,
         stream_timeout=stream_timeout,
+        response_retention=response_retention,
+        response_max_age=response_max_age_days * 86400.0,
     )
-    serve(build_api_app(settings), host=host, port=port, tls=tls, drain_timeout=drain_timeout)
+    try:
+        app = build_api_app(settings)
+    except (KeysFileError, StateDirInUse, OSError) as exc:
+        fail(str(exc))
+    serve(app, host=host, port=port, tls=tls, drain_timeout=drain_timeout)
 
 
 def register(app: typer.Typer) -> None:

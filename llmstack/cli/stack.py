@@ -31,12 +31,15 @@ from llmstack.common.console import print_error
 from llmstack.stack.config import DEFAULT_CONFIG, ConfigError, StackConfig, load_config
 from llmstack.stack.control import run_supervisor, running_state, start_detached, stop_stack
 from llmstack.stack.logs import LogFollower, PrefixPrinter, merge_logs, tail_file
+from llmstack.stack.modelinfo import model_lines
+from llmstack.stack.packaged import is_packaged
 from llmstack.stack.plan import (
     Plan,
     RoleName,
     build_specs,
     exposure_warnings,
     is_local_model,
+    key_warnings,
     masked_config,
     policy_of,
     preflight,
@@ -105,11 +108,13 @@ def up(
             "stop it first with `llmstack down`",
             EXIT_ENV,
         )
-    specs = build_specs(cfg, roles, None)
+    specs = build_specs(cfg, roles, None, rd.root)
     planned = stack_secrets(cfg, rd, roles, generate=False)
     warnings = exposure_warnings(cfg, specs, planned)
     if warnings:  # before any other failure, so they are seen on every attempt
         err.print(Panel("\n".join(warnings), title="[bold]exposed without protection[/]", border_style="bold red"))
+    for warning in key_warnings(cfg):
+        err.print(f"warning: {warning}", markup=False)
     if "workers" in roles and not cfg.controller.local and "LLMSTACK_CLUSTER_TOKEN" not in planned:
         err.print(
             "note: no cluster token set; if the remote controller requires one, set LLMSTACK_CLUSTER_TOKEN",
@@ -126,15 +131,16 @@ def up(
     timings: dict[str, float] = {"preflight": round(time.monotonic() - t_begin, 3)}
     paths: list[Path] | None = None
     if "workers" in roles:
+        from llmstack.services.engines.gguf.header import GGUFError
         from llmstack.stack.models import DownloadError
 
         t0 = time.monotonic()
         try:
             paths = resolve_models(cfg, offline=offline)
-        except DownloadError as exc:
+        except (DownloadError, GGUFError) as exc:  # before anything starts
             fail(str(exc), EXIT_FAILED)
         timings["resolve_models"] = round(time.monotonic() - t0, 3)
-    specs = build_specs(cfg, roles, paths)
+    specs = build_specs(cfg, roles, paths, rd.root)
     plan = Plan(
         stack=cfg.stack.name,
         config_path=str(cfg.source_path) if cfg.source_path else None,
@@ -264,6 +270,7 @@ def pull(
     """Download every model of the stack (or one) without starting anything.
 
     Example: `llmstack pull -c examples/baichuan2-13b-8bit.toml`"""
+    from llmstack.services.engines.gguf.header import GGUFError
     from llmstack.stack.models import DownloadError
 
     cfg = load_stack(config)
@@ -274,7 +281,7 @@ def pull(
         return
     try:
         paths = resolve_models(cfg, offline=offline, refresh=refresh, only=model)
-    except DownloadError as exc:
+    except (DownloadError, GGUFError) as exc:
         fail(str(exc), EXIT_FAILED)
     picked = [m for m in cfg.models if model is None or model in (m.model, *m.served_names)]
     for m, path in zip(picked, paths, strict=True):
@@ -289,15 +296,22 @@ def config_check(
     config: ConfigOpt = Path(DEFAULT_CONFIG),
     as_json: JsonOpt = False,
 ) -> None:
-    """Validate a stack file and print the resolved configuration (ports assigned, commands to run).
-    Exit code 0 when valid, 2 when not."""
+    """Validate a stack file and print the resolved configuration (ports assigned, commands to run) and what
+    each model will load (file, architecture, quantisation, size, chat template, stop tokens), found without
+    downloading or loading weights. Exit code 0 when valid, 2 when not (also for a model that is missing or
+    that its engine cannot load)."""
+    from llmstack.stack.modelinfo import describe_models
+
     cfg = load_stack(config)
     roles = selected_roles(cfg, None)
     specs = build_specs(cfg, roles, None)
+    reports = describe_models(cfg)
+    unusable = [r for r in reports if r.state == "unusable"]
     resolved = {
         "config": str(cfg.source_path),
         "run_dir": str(run_dir_for(cfg)),
         **masked_config(cfg),
+        "warnings": key_warnings(cfg),
         "services": [
             {
                 "name": s.name,
@@ -310,11 +324,14 @@ def config_check(
             }
             for s in specs
         ],
+        "loads": [r.model_dump(mode="json") for r in reports],
     }
     if as_json:
         console.print_json(json.dumps(resolved))
-        return
+        raise typer.Exit(EXIT_CONFIG if unusable else EXIT_OK)
     console.print(f"[green]✓[/] {cfg.source_path} is valid (stack {cfg.stack.name!r}, run dir {resolved['run_dir']})")
+    for warning in key_warnings(cfg):
+        err.print(f"warning: {warning}", markup=False)
     t = Table(title="services", title_justify="left")
     for col in ("service", "address", "health check", "models"):
         t.add_column(col)
@@ -324,12 +341,21 @@ def config_check(
     console.print("commands (secrets travel in the environment, not here):")
     for s in specs:
         console.print(f"  {s.name}: {' '.join(['llmstack', *s.argv[3:]])}", markup=False, soft_wrap=True)
-    for m in cfg.models:
-        where = "local directory" if is_local_model(cfg, m.model, m.source) else f"{m.source}"
+    for m, report in zip(cfg.models, reports, strict=True):
+        where = (
+            "pypi package" if is_packaged(m.model) else "local" if is_local_model(cfg, m.model, m.source) else m.source
+        )
         console.print(
-            f"  model {m.model} ({where}, backend {m.backend}, device {m.device}) as {', '.join(m.served_names)}",
+            f"model {m.model} ({where}, backend {m.backend}, device {m.device}) as {', '.join(m.served_names)}: "
+            f"{report.state}",
             markup=False,
         )
+        for label, value in model_lines(report):
+            console.print(f"  {label:<13}{value}", markup=False, soft_wrap=True)
+    for report in unusable:
+        print_error(f"model {report.model}: {report.detail}")
+    if unusable:
+        raise typer.Exit(EXIT_CONFIG)
 
 
 def register(app: typer.Typer) -> None:

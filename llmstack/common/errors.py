@@ -8,6 +8,7 @@ LLMStackError                      500 internal_error
 +-- NotFound                       404 model_not_found
 +-- Conflict                       409 (duplicate worker registration)
 +-- Overloaded                     429 (queue full; carries Retry-After)
+|   +-- RateLimited                429 a key over its limits (type requests/tokens, x-ratelimit-* headers)
 +-- ServiceUnavailable             503 (no worker for a model)
 +-- WorkerError                    502 (a worker failed mid-request)
 """
@@ -21,6 +22,7 @@ class LLMStackError(Exception):
     status_code = 500
     type = "internal_error"
     code: str | None = None
+    headers: dict[str, str] = {}  # extra response headers (read only; set per instance)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -96,6 +98,22 @@ class Overloaded(LLMStackError):
     def __init__(self, message: str, *, retry_after: float = 1.0, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.retry_after = retry_after
+
+
+class RateLimited(Overloaded):
+    """OpenAI's rate-limit error: `type` says which limit ("requests" or "tokens"); `retry_after` is None when
+    waiting cannot help (a request larger than the limit itself)."""
+
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self, message: str, *, retry_after: float | None, kind: str = "requests", headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # type: ignore[assignment]
+        self.type = kind
+        self.headers = headers or {}
 
 
 class ServiceUnavailable(LLMStackError):

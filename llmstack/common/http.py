@@ -8,11 +8,12 @@ import contextlib
 import contextvars
 import hmac
 import logging
+import math
 import os
 import socket
 import sys
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,56 +60,108 @@ def setup_logging(service: str, *, debug: bool = False) -> None:
 
 
 # -- errors --------------------------------------------------------------------------------------------
-def error_response(exc: LLMStackError) -> JSONResponse:
-    headers = {}
-    if isinstance(exc, Overloaded):
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+#: An API's error body for an error and the request id (None when there is none): OpenAI's envelope by
+#: default; an app may register others for some of its paths (Anthropic's Messages API has its own).
+ErrorShape = Callable[[LLMStackError, str | None], dict[str, Any]]
+
+
+def _openai_shape(exc: LLMStackError, request_id: str | None) -> dict[str, Any]:
+    return exc.to_body(request_id)
+
+
+def error_response(exc: LLMStackError, shape: ErrorShape | None = None) -> JSONResponse:
+    headers = dict(exc.headers)
+    if isinstance(exc, Overloaded) and exc.retry_after is not None:
+        # whole seconds, rounded up: a client that waits this long finds room
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        headers["retry-after-ms"] = str(max(1, math.ceil(exc.retry_after * 1000)))  # read first by OpenAI's SDKs
     rid = request_id_var.get()
-    return JSONResponse(exc.to_body(rid if rid != "-" else None), status_code=exc.status_code, headers=headers)
+    body = (shape or _openai_shape)(exc, rid if rid != "-" else None)
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
+def shape_for(app: Any, path: str) -> ErrorShape | None:
+    """The error shape `install_error_handlers` registered for a path of `app`, if any."""
+    for prefix, shape in getattr(getattr(app, "state", None), "error_shapes", ()):
+        if path.startswith(prefix):
+            return shape
+    return None
+
+
+_UNION_BRANCHES = ("str", "int", "float", "bool", "list[str]", "list[int]", "function-after")
+_JSON_TYPES = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a boolean",
+    "string": "a string",
+    "list": "an array",
+    "dict": "an object",
+    "model": "an object",
+    "model_attributes": "an object",
+}
+
+
+def _json_type(value: Any) -> str:
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a decimal number"), (str, "a string")):
+        if isinstance(value, kind):
+            return name
+    return "an array" if isinstance(value, list) else "an object" if isinstance(value, dict) else "null"
+
+
+def _param(loc: Sequence[Any]) -> str | None:
+    # union errors add the tried branch's type to the location; keep only the field path
+    path = [str(p) for p in loc if p != "body" and str(p) not in _UNION_BRANCHES and "[" not in str(p)]
+    return ".".join(path) if path else None
+
+
+def validation_error(errors: Sequence[Any]) -> InvalidRequest:
+    """The first problem of a body that failed validation, as OpenAI words it: a missing or unknown
+    parameter, a wrong type (`invalid_type`, never coerced), or an invalid value."""
     if not errors:
-        return "Invalid request body.", None
+        return InvalidRequest("Invalid request body.")
     # a union (e.g. stop: str | list[str]) reports one error per branch: the branch that failed on a
-    # constraint says more than the one that failed on the type
-    first = min(errors, key=lambda e: str(e.get("type", "")).endswith("_type"))
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "json_invalid":
-        return "We could not parse the JSON body of your request: " + str(first.get("msg")), None
-    if not loc:
-        if first.get("type") in ("model_attributes_type", "dict_type"):
-            return "The request body must be a JSON object.", None
-        return str(first.get("msg", "Invalid request body.")), None
-    # union errors add the tried type name to the location; keep only the field path
-    path: list[str] = []
-    for part in loc:
-        if part in ("str", "int", "float", "bool", "list[str]", "list[int]", "function-after") or "[" in part:
-            continue
-        path.append(part)
-    param = ".".join(path) if path else None
-    message = str(first.get("msg", "invalid value"))
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
-    if first.get("type") == "missing":
-        return f"Missing required parameter: '{param}'.", param
-    if first.get("type") == "extra_forbidden":
-        return f"Unrecognized request argument supplied: {param}", param
-    return f"Invalid value for '{param}': {message}", param
+    # constraint says more than one that failed on the type, and one that got further into the value more
+    # than one that did not
+    first = min(errors, key=lambda e: (str(e.get("type", "")).endswith("_type"), -len(e.get("loc", ()))))
+    kind = str(first.get("type", ""))
+    if kind == "json_invalid":
+        return InvalidRequest("We could not parse the JSON body of your request: " + str(first.get("msg")))
+    param = _param(first.get("loc", ()))
+    if param is None:
+        if kind in ("model_attributes_type", "model_type", "dict_type"):
+            return InvalidRequest("The request body must be a JSON object.")
+        return InvalidRequest(str(first.get("msg", "Invalid request body.")))
+    if kind == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
+    if kind == "extra_forbidden":
+        return InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param)
+    if kind.endswith("_type"):
+        expected = [
+            _JSON_TYPES.get(str(e["type"])[: -len("_type")], "another type")
+            for e in errors
+            if _param(e.get("loc", ())) == param and str(e.get("type", "")).endswith("_type")
+        ]
+        wanted = " or ".join(dict.fromkeys(expected))
+        got = _json_type(first.get("input"))
+        return InvalidRequest(
+            f"Invalid type for '{param}': expected {wanted}, but got {got} instead.", param=param, code="invalid_type"
+        )
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return InvalidRequest(f"Invalid value for '{param}': {message}", param=param)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves as OpenAI's envelope with a meaningful status; never FastAPI's 422 shape."""
+def install_error_handlers(app: FastAPI, shapes: Sequence[tuple[str, ErrorShape]] = ()) -> None:
+    """Every error leaves as an error envelope with a meaningful status; never FastAPI's 422 shape.
+    OpenAI's envelope, except under the path prefixes `shapes` names."""
+    app.state.error_shapes = list(shapes)
 
     @app.exception_handler(LLMStackError)
     async def _ours(request: Request, exc: LLMStackError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, shape_for(app, request.url.path))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return error_response(InvalidRequest(message, param=param))
+        return error_response(validation_error(exc.errors()), shape_for(app, request.url.path))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -117,12 +170,12 @@ def install_error_handlers(app: FastAPI) -> None:
         err = LLMStackError(message, code=code)
         err.status_code = exc.status_code
         err.type = "invalid_request_error"
-        return error_response(err)
+        return error_response(err, shape_for(app, request.url.path))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return error_response(LLMStackError(f"Internal error: {type(exc).__name__}"))
+        return error_response(LLMStackError(f"Internal error: {type(exc).__name__}"), shape_for(app, request.url.path))
 
 
 # -- middleware (pure ASGI: cheaper than BaseHTTPMiddleware on the streaming path) -----------------------
@@ -148,7 +201,7 @@ class RequestContextMiddleware:
         try:
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
                 exc = PayloadTooLarge(f"Request body larger than {self.max_body_bytes} bytes.")
-                await error_response(exc)(scope, receive, send)
+                await error_response(exc, shape_for(self.app, scope.get("path", "")))(scope, receive, send)
                 return
             received = 0
 
@@ -191,11 +244,35 @@ def check_bearer(request: Request, keys: list[str], *, what: str = "API key") ->
         raise AuthenticationError(
             f"You didn't provide an {what}. Pass it as 'Authorization: Bearer <key>'.", code="missing_api_key"
         )
+    if not _matches(token.strip(), keys):
+        raise AuthenticationError(f"Incorrect {what} provided.")
+
+
+def _matches(token: str, keys: list[str]) -> bool:
     ok = False
     for key in keys:  # no early exit: timing must not reveal which key matched
-        ok |= hmac.compare_digest(token.strip().encode(), key.encode())
-    if not ok:
-        raise AuthenticationError(f"Incorrect {what} provided.")
+        ok |= hmac.compare_digest(token.encode(), key.encode())
+    return ok
+
+
+def check_api_key(request: Request, keys: list[str]) -> str | None:
+    """The API key of a request, from `Authorization: Bearer <key>` (OpenAI's clients) or `x-api-key`
+    (Anthropic's), checked in constant time against every configured key; raises 401.  Returns the key
+    presented (None when none is configured and none was sent)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, bearer = header.partition(" ")
+    token = bearer.strip() if scheme.lower() == "bearer" else ""
+    token = token or request.headers.get("x-api-key", "").strip()
+    if not keys:
+        return token or None
+    if not token:
+        raise AuthenticationError(
+            "You didn't provide an API key. Pass it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+            code="missing_api_key",
+        )
+    if not _matches(token, keys):
+        raise AuthenticationError("Incorrect API key provided.")
+    return token
 
 
 # -- running ---------------------------------------------------------------------------------------------------

@@ -131,7 +131,10 @@ class MetricsMiddleware:
                 tracker.close()
                 if tracker.tokens != (0, 0):
                     tokens = f" prompt_tokens={tracker.tokens[0]} completion_tokens={tracker.tokens[1]}"
-            access_log.info("%s %s %d model=%s %.3fs%s", scope["method"], scope["path"], final, model, elapsed, tokens)
+            key = f" key={state['key_name']}" if "key_name" in state else ""  # the key's name, never the key
+            access_log.info(
+                "%s %s %d model=%s%s %.3fs%s", scope["method"], scope["path"], final, model, key, elapsed, tokens
+            )
 
 
 def gauge_collector(

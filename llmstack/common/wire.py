@@ -154,6 +154,11 @@ class GenerateRequest(BaseModel):
     params: SamplingParams = SamplingParams()
     echo: bool = False
     tools: ToolSpec | None = None
+    priority: int = Field(0, description="higher goes first in the worker's queue (the API key's priority)")
+    report_prompt_tokens: bool = Field(False, description="send a PromptEvent first, before generating")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="further variables for the chat template (enable_thinking, reasoning_effort, ...)"
+    )
 
 
 class EmbedRequest(BaseModel):
@@ -169,10 +174,31 @@ class EmbedReply(BaseModel):
 
 
 class CountTokensRequest(BaseModel):
+    """Tokenise a prompt or a chat (as `/generate` would); the reply has `count` and `context_length`,
+    and with `return_tokens` the ids and their vocabulary entries too."""
+
     model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
+    tools: ToolSpec | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool | None = Field(None, description="prompts only; default: the tokenizer's own")
+    return_tokens: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
+class PromptEvent(TypedDict):
+    """The stream's first line when the request asked for it (`report_prompt_tokens`): the prompt's token
+    count, sent before the request waits for a slot, so the API server can apply a token limit before
+    anything is generated."""
+
+    prompt_tokens: int
 
 
 class TextEvent(TypedDict):
@@ -181,7 +207,9 @@ class TextEvent(TypedDict):
     `logprobs`: one entry per token in OpenAI's chat shape (`token`, `logprob`, `bytes`,
     `top_logprobs`); on an echo event they are the prompt's (the first token's logprob is None).
     `tool_calls`: OpenAI's streamed tool-call deltas (`index`, and `id`, `type`, `function.name` on a
-    call's first delta; `function.arguments` pieces)."""
+    call's first delta; `function.arguments` pieces).  `reasoning`: a thinking model's reasoning text
+    (the model's reasoning parser took it out of `text`; it comes before the event's `text`).
+    `stop_sequence`: on the last event, the stop string that ended the choice, when one did."""
 
     index: int
     text: str
@@ -189,15 +217,19 @@ class TextEvent(TypedDict):
     finish_reason: NotRequired[str | None]
     logprobs: NotRequired[list[dict[str, Any]]]
     tool_calls: NotRequired[list[dict[str, Any]]]
+    reasoning: NotRequired[str]
+    stop_sequence: NotRequired[str]
 
 
 class Usage(TypedDict):
     prompt_tokens: int
     completion_tokens: int
+    reasoning_tokens: NotRequired[int]
 
 
 class UsageEvent(TypedDict):
-    """The stream's last line: exact token counts over all choices."""
+    """The stream's last line: exact token counts over all choices (`prompt_tokens`,
+    `completion_tokens`, and `reasoning_tokens`: the completion tokens spent reasoning)."""
 
     usage: Usage
 
@@ -210,4 +242,4 @@ class ErrorEvent(TypedDict):
 
 #: One line of a worker's `/generate` stream (NDJSON).  Plain dicts on the hot path, no validation per
 #: token: the worker writes them, the API server reads them with `"usage" in event` / `"error" in event`.
-StreamEvent = TextEvent | UsageEvent | ErrorEvent
+StreamEvent = PromptEvent | TextEvent | UsageEvent | ErrorEvent

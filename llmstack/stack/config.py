@@ -15,7 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmstack.common.net import ALL_INTERFACES, service_url
-from llmstack.services.worker.options import Port, WorkerOptions, flag_of
+from llmstack.services.api.keys.rules import KeyRule, check_unique, flat_rules
+from llmstack.services.worker.options import Port, WorkerOptions, flag_of, off_flag_of
 
 DEFAULT_CONFIG = "stack.toml"
 FIRST_WORKER_PORT = 21002
@@ -121,10 +122,12 @@ class ModelSection(WorkerOptions):
         for name in self.given():
             if name in ("model", "names", "port"):
                 continue
+            if name == "gguf_file" and model_path.lower().endswith(".gguf"):
+                continue  # already resolved to that file
             value = getattr(self, name)
             flag = flag_of(name)
             if isinstance(value, bool):
-                a.append(flag)  # every boolean option is off by default
+                a.append(flag if value else off_flag_of(name))  # given: not at its default
             elif isinstance(value, dict):
                 a += [flag, json.dumps(value)]
             elif isinstance(value, list):
@@ -138,21 +141,46 @@ class APISection(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: Port = 8000
-    api_keys: list[str] = Field(default_factory=list)
+    api_keys: list[str] = Field(default_factory=list, description="plain keys: any model, no limits")
+    keys: list[KeyRule] = Field(default_factory=list, description="named keys with models and limits")
+    keys_file: str | None = Field(None, description="more named keys, reloaded while running (TOML or .json)")
     sync_interval: float = Field(1.0, gt=0)
     request_timeout: float = Field(600.0, gt=0)
     stream_timeout: float = Field(60.0, gt=0, description="longest silence from a worker mid-stream")
+    response_retention: int = Field(10_000, ge=1, description="the most stored responses kept (/v1/responses)")
+    response_max_age_days: float = Field(30.0, ge=0, description="days a stored response is kept")
     ssl: TLS = TLS()
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> APISection:
+        check_unique([*flat_rules(self.api_keys), *self.keys])
+        return self
 
     @property
     def url(self) -> str:
         return service_url(self.host, self.port, bool(self.ssl.certfile))
+
+    @property
+    def keys_required(self) -> bool:
+        return bool(self.api_keys or self.keys or self.keys_file)
+
+    def client_key(self) -> str | None:
+        """The key this stack's own clients (web UI, chat) present: the first plain key, else the named key
+        called "webui", else the first named key given in full (a key_sha256 cannot be presented)."""
+        if self.api_keys:
+            return self.api_keys[0]
+        usable = [k for k in self.keys if k.key is not None]
+        for rule in sorted(usable, key=lambda k: k.name != "webui"):
+            return rule.key.get_secret_value() if rule.key is not None else None
+        return None
 
     def args(self, controller_url: str) -> list[str]:
         return [
             "--host", self.host, "--port", str(self.port), "--controller-address", controller_url,
             "--sync-interval", str(self.sync_interval), "--request-timeout", str(self.request_timeout),
             "--stream-timeout", str(self.stream_timeout),
+            "--response-retention", str(self.response_retention),
+            "--response-max-age-days", str(self.response_max_age_days),
             *self.ssl.args(),
         ]  # fmt: skip
 
@@ -250,6 +278,9 @@ class StackConfig(_Section):
         return out
 
 
+_SECRET_FIELDS = {"key", "key_sha256", "api_keys", "cluster_token", "auth"}  # never echoed in an error
+
+
 def _format_errors(path: str, exc: ValidationError, raw: dict[str, Any]) -> str:
     lines = [f"{path}: invalid configuration"]
     for err in exc.errors():
@@ -259,7 +290,12 @@ def _format_errors(path: str, exc: ValidationError, raw: dict[str, Any]) -> str:
             section = err["loc"][:-1]
             allowed = _allowed_keys(section)
             msg = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
-        elif "input" in err and not isinstance(err["input"], dict) and err["type"] != "missing":
+        elif (
+            "input" in err
+            and not isinstance(err["input"], dict)
+            and err["type"] != "missing"
+            and not _SECRET_FIELDS & {str(p) for p in err["loc"]}
+        ):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"  {loc or '(top level)'}: {msg}")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from llmstack.common.console import EXIT_FAILED, EXIT_OK, console, err, print_er
 from llmstack.stack.children import STOP_TIERS, RecordedStop, stop_tiers
 from llmstack.stack.config import DEFAULT_CONFIG, StackConfig
 from llmstack.stack.logs import LogFollower, PrefixPrinter, tail_file
-from llmstack.stack.plan import SECRET_ENV, Plan
+from llmstack.stack.plan import SECRET_ENV, Plan, keys_required
 from llmstack.stack.rundir import (
     RUN_ID_ENV,
     Phase,
@@ -59,7 +59,7 @@ def run_supervisor(rd: RunDir, *, echo: bool, secrets: dict[str, str] | None = N
     else:
         sup = Supervisor(plan, rd, secrets=secrets)
     install_signal_handlers(sup)
-    has_keys = "LLMSTACK_API_KEYS" in secrets
+    has_keys = keys_required(plan, secrets)
     code = sup.run(on_ready=(lambda s: _print_ready(s.state, plan, has_keys)) if echo else None)
     if echo and sup.state.phase == Phase.FAILED:
         print_error(str(sup.state.message))
@@ -90,7 +90,7 @@ def start_detached(rd: RunDir, plan: Plan, secrets: dict[str, str]) -> int:
                         shown.add(rec.name)
                         console.print(f"  [green]✓[/] {rec.name} healthy after {rec.first_ready_after or 0:.1f}s")
                 if state.phase == Phase.READY:
-                    _print_ready(state, plan, "LLMSTACK_API_KEYS" in secrets)
+                    _print_ready(state, plan, keys_required(plan, secrets))
                     console.print(
                         f"running in the background (supervisor pid {proc.pid}); stop with "
                         f"[bold]llmstack down[/]{_config_hint(plan)}"

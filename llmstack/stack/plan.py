@@ -6,21 +6,30 @@ The plan is written to the run directory (without secrets) and is all the superv
 from __future__ import annotations
 
 import enum
+import json
 import os
 import sys
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from llmstack.common.net import service_url
-from llmstack.stack.config import DEFAULT_CONFIG, ConfigError, StackConfig
+from llmstack.services.engines.gguf.files import is_gguf_path
+from llmstack.services.engines.gguf.header import read_header
+from llmstack.services.engines.gguf.support import check_servable
+from llmstack.stack.config import DEFAULT_CONFIG, ConfigError, ModelSection, StackConfig
+from llmstack.stack.packaged import is_packaged
 from llmstack.stack.rundir import (
     Role,
     RunDir,
+    run_dir_for,
 )
 
 #: Environment variables that carry secrets; children get only those their spec grants.
-SECRET_ENV = ("LLMSTACK_CLUSTER_TOKEN", "LLMSTACK_API_KEYS", "LLMSTACK_API_KEY", "LLMSTACK_WEBUI_AUTH")
+SECRET_ENV = (
+    "LLMSTACK_CLUSTER_TOKEN", "LLMSTACK_API_KEYS", "LLMSTACK_API_KEY_RULES", "LLMSTACK_API_KEY", "LLMSTACK_WEBUI_AUTH",
+)  # fmt: skip
 
 
 class ServiceSpec(BaseModel):
@@ -91,39 +100,50 @@ def worker_service_names(cfg: StackConfig) -> list[list[str]]:
 
 
 def is_local_model(cfg: StackConfig, model: str, source: str) -> bool:
-    return source == "local" or model.startswith(("/", "./", "../", "~"))
+    return source == "local" or model.startswith(("/", "./", "../", "~")) or is_gguf_path(model)
 
 
 def resolve_models(
     cfg: StackConfig, *, offline: bool = False, refresh: bool = False, only: str | None = None
 ) -> list[Path]:
-    """Local directories for every model (downloading what is not cached, with progress)."""
-    from llmstack.stack.models import resolve_model
+    """Local paths for every model (downloading what is not cached, with progress): model directories, or
+    the one .gguf file a GGUF model is, checked to be one the model's engine can serve.
 
+    Raises `DownloadError`, or `GGUFError` for a GGUF file (or gguf_file pattern) that cannot work."""
     paths = []
     for m in cfg.models:
         if only is not None and only not in (m.model, *m.served_names):
             continue
-        if is_local_model(cfg, m.model, m.source):
-            paths.append(resolve_model(str(cfg.resolve_path(m.model))))
-            continue
-        cache = cfg.resolve_path(m.cache_dir) if m.cache_dir else None
-        cached = _cached_modelscope_snapshot(m.model, cache, m.revision) if m.source == "modelscope" else None
-        if cached is not None and not refresh:
-            paths.append(cached)
-            continue
-        paths.append(
-            resolve_model(
-                m.model,
-                source=m.source,
-                revision=m.revision,
-                cache_dir=cache,  # type: ignore[arg-type]
-                offline=offline,
-                refresh=refresh,
-                progress=True,
-            )
-        )
+        path = resolve_entry(cfg, m, offline, refresh)
+        if is_gguf_path(path):
+            check_servable(read_header(path), m.backend)
+        paths.append(path)
     return paths
+
+
+def resolve_entry(cfg: StackConfig, m: ModelSection, offline: bool, refresh: bool) -> Path:
+    """One `[[models]]` entry's local path: its model directory, or the .gguf file it is or selects."""
+    from llmstack.stack.models import resolve_model
+
+    if is_packaged(m.model):
+        return resolve_model(m.model)
+    if is_local_model(cfg, m.model, m.source):
+        return resolve_model(str(cfg.resolve_path(m.model)), gguf_file=m.gguf_file)
+    cache = cfg.resolve_path(m.cache_dir) if m.cache_dir else None
+    if m.gguf_file is None and m.source == "modelscope" and not refresh:
+        cached = _cached_modelscope_snapshot(m.model, cache, m.revision)
+        if cached is not None:
+            return cached
+    return resolve_model(
+        m.model,
+        source=m.source,
+        revision=m.revision,
+        cache_dir=cache,  # type: ignore[arg-type]
+        offline=offline,
+        refresh=refresh,
+        progress=True,
+        gguf_file=m.gguf_file,
+    )
 
 
 def _cached_modelscope_snapshot(model: str, cache: Path | None, revision: str | None) -> Path | None:
@@ -159,8 +179,11 @@ def selected_roles(cfg: StackConfig, only: list[RoleName] | None) -> list[str]:
     return [r for r in ("controller", "workers", "api", "webui") if r in wanted]
 
 
-def build_specs(cfg: StackConfig, roles: list[str], model_paths: list[Path] | None) -> list[ServiceSpec]:
-    """Command lines, ports and health URLs of the services; `model_paths=None` shows model ids instead."""
+def build_specs(
+    cfg: StackConfig, roles: list[str], model_paths: list[Path] | None, run_dir: Path | None = None
+) -> list[ServiceSpec]:
+    """Command lines, ports and health URLs of the services; `model_paths=None` shows model ids instead.
+    The API server keeps its state (usage) in the run directory (`run_dir`, default from the file)."""
     py = [service_python(cfg), "-m", "llmstack"]
     controller_url = cfg.controller.url
     drain = ["--drain-timeout", f"{cfg.stack.drain_timeout:g}"]
@@ -180,42 +203,26 @@ def build_specs(cfg: StackConfig, roles: list[str], model_paths: list[Path] | No
                 secret_env=["LLMSTACK_CLUSTER_TOKEN"],
             )
         )
-    served: list[str] = []
-    if "workers" in roles:
-        entries = zip(cfg.models, cfg.worker_ports(), worker_service_names(cfg), strict=True)
-        for i, (m, ports, names) in enumerate(entries):
-            path = str(model_paths[i]) if model_paths is not None else m.model
-            for port, name in zip(ports, names, strict=True):
-                url = service_url(m.host, port)
-                specs.append(
-                    ServiceSpec(
-                        name=name,
-                        role="workers",
-                        argv=[*py, "worker", *m.args(path, port, controller_url), *drain],
-                        env=dict(m.env),
-                        host=m.host,
-                        port=port,
-                        url=m.worker_address or url,
-                        health_url=f"{url}/health",
-                        models=m.served_names,
-                        secret_env=["LLMSTACK_CLUSTER_TOKEN"],
-                    )
-                )
-            served += m.served_names
+    workers = _worker_specs(cfg, model_paths, [*py, "worker"], drain) if "workers" in roles else []
+    specs += workers
+    served = list(dict.fromkeys(name for spec in workers for name in spec.models))
     if "api" in roles:
         a = cfg.api
         url = service_url(a.host, a.port, bool(a.ssl.certfile))
+        state = ["--state-dir", str(run_dir or run_dir_for(cfg))]
+        if a.keys_file:
+            state += ["--keys-file", str(cfg.resolve_path(a.keys_file))]
         specs.append(
             ServiceSpec(
                 name="api",
                 role="api",
-                argv=[*py, "api", *a.args(controller_url), *drain],
+                argv=[*py, "api", *a.args(controller_url), *state, *drain],
                 host=a.host,
                 port=a.port,
                 url=url,
                 health_url=f"{url}/health",
                 expect_models=served,
-                secret_env=["LLMSTACK_CLUSTER_TOKEN", "LLMSTACK_API_KEYS"],
+                secret_env=["LLMSTACK_CLUSTER_TOKEN", "LLMSTACK_API_KEYS", "LLMSTACK_API_KEY_RULES"],
             )
         )
     if "webui" in roles:
@@ -236,6 +243,34 @@ def build_specs(cfg: StackConfig, roles: list[str], model_paths: list[Path] | No
                 secret_env=["LLMSTACK_API_KEY", "LLMSTACK_WEBUI_AUTH"],
             )
         )
+    return specs
+
+
+def _worker_specs(
+    cfg: StackConfig, model_paths: list[Path] | None, worker_cmd: list[str], drain: list[str]
+) -> list[ServiceSpec]:
+    """One service per worker port of every `[[models]]` entry (`replicas` gives several)."""
+    specs: list[ServiceSpec] = []
+    controller_url = cfg.controller.url
+    entries = zip(cfg.models, cfg.worker_ports(), worker_service_names(cfg), strict=True)
+    for i, (m, ports, names) in enumerate(entries):
+        path = str(model_paths[i]) if model_paths is not None else m.model
+        for port, name in zip(ports, names, strict=True):
+            url = service_url(m.host, port)
+            specs.append(
+                ServiceSpec(
+                    name=name,
+                    role="workers",
+                    argv=[*worker_cmd, *m.args(path, port, controller_url), *drain],
+                    env=dict(m.env),
+                    host=m.host,
+                    port=port,
+                    url=m.worker_address or url,
+                    health_url=f"{url}/health",
+                    models=m.served_names,
+                    secret_env=["LLMSTACK_CLUSTER_TOKEN"],
+                )
+            )
     return specs
 
 
@@ -264,9 +299,11 @@ def stack_secrets(cfg: StackConfig, rd: RunDir, roles: list[str], *, generate: b
     keys = cfg.api.api_keys or [k for k in os.environ.get("LLMSTACK_API_KEYS", "").split(",") if k.strip()]
     if keys:
         out["LLMSTACK_API_KEYS"] = ",".join(keys)
-        out["LLMSTACK_API_KEY"] = keys[0]
-    elif os.environ.get("LLMSTACK_API_KEY"):
-        out["LLMSTACK_API_KEY"] = os.environ["LLMSTACK_API_KEY"]
+    if cfg.api.keys:
+        out["LLMSTACK_API_KEY_RULES"] = json.dumps([rule.env_entry() for rule in cfg.api.keys])
+    client_key = keys[0] if keys else cfg.api.client_key() or os.environ.get("LLMSTACK_API_KEY")
+    if client_key:  # what the web UI presents
+        out["LLMSTACK_API_KEY"] = client_key
     auth = ",".join(cfg.webui.auth) or os.environ.get("LLMSTACK_WEBUI_AUTH", "")
     if auth:
         out["LLMSTACK_WEBUI_AUTH"] = auth
@@ -301,7 +338,7 @@ def exposure_warnings(cfg: StackConfig, specs: list[ServiceSpec], secrets: dict[
         if is_loopback(spec.host):
             continue
         where = f"{spec.name} listens on {spec.host}:{spec.port}"
-        if spec.role == "api" and not secrets.get("LLMSTACK_API_KEYS"):
+        if spec.role == "api" and not (secrets.get("LLMSTACK_API_KEYS") or cfg.api.keys_required):
             out.append(f"{where} without API keys: anyone who can reach it can use your models ([api] api_keys)")
         elif spec.role == "controller" and not secrets.get("LLMSTACK_CLUSTER_TOKEN"):
             out.append(f"{where} without a cluster token: anyone can register workers")
@@ -317,5 +354,31 @@ def masked_config(cfg: StackConfig) -> dict:
     if data["stack"].get("cluster_token"):
         data["stack"]["cluster_token"] = "***"
     data["api"]["api_keys"] = ["***" for _ in data["api"]["api_keys"]]
+    for rule in data["api"]["keys"]:
+        for secret in ("key", "key_sha256"):
+            if rule.get(secret):
+                rule[secret] = "***"
     data["webui"]["auth"] = [a.split(":", 1)[0] + ":***" for a in data["webui"]["auth"]]
     return data
+
+
+def keys_required(plan: Plan, secrets: dict[str, str]) -> bool:
+    """Whether the stack's API server asks clients for a key."""
+    if "LLMSTACK_API_KEYS" in secrets or "LLMSTACK_API_KEY_RULES" in secrets:
+        return True
+    return any(s.role == "api" and "--keys-file" in s.argv for s in plan.services)
+
+
+def key_warnings(cfg: StackConfig) -> list[str]:
+    """Model patterns of `[[api.keys]]` that match none of the models this stack serves (a typo, or a model
+    served by another machine): not refused, since requests for such a model just answer 404."""
+    served = [name for m in cfg.models for name in m.served_names]
+    if not served:
+        return []
+    return [
+        f"[[api.keys]] {rule.name!r}: model pattern {glob!r} matches none of the served models "
+        f"({', '.join(served)}); its requests for it will get 404"
+        for rule in cfg.api.keys
+        for glob in rule.models
+        if not any(fnmatchcase(name, glob) for name in served)
+    ]

@@ -19,14 +19,36 @@ from llmstack.stack.rundir import (
 )
 
 
-def _health(rec: Any) -> tuple[bool, str]:
+def _health(rec: Any) -> tuple[bool, str, dict]:
+    """Whether a service is healthy, in a word, and (workers) its engine's figures from /health."""
     import httpx
 
     try:
         with httpx.Client(timeout=2.0, trust_env=False, verify=False) as client:
-            return judge_health(client.get(rec.health_url))
+            resp = client.get(rec.health_url)
     except httpx.HTTPError as exc:
-        return False, type(exc).__name__
+        return False, type(exc).__name__, {}
+    healthy, detail = judge_health(resp)
+    engine: dict = {}
+    if rec.role == "workers":
+        with contextlib.suppress(ValueError, AttributeError):
+            figures = resp.json().get("engine")
+            engine = figures if isinstance(figures, dict) else {}
+    return healthy, detail, engine
+
+
+def _prefix_hit_rates(engines: list[tuple[list[str], dict]]) -> dict[str, float]:
+    """Per model, prompt tokens served from the workers' prefix caches / tokens looked up, since they started."""
+    totals: dict[str, list[int]] = {}
+    for models, engine in engines:
+        queried, hits = engine.get("prefix_cache_queried_tokens"), engine.get("prefix_cache_hit_tokens")
+        if not isinstance(queried, int) or not isinstance(hits, int):
+            continue
+        for name in models:
+            pair = totals.setdefault(name, [0, 0])
+            pair[0] += queried
+            pair[1] += hits
+    return {name: hits / queried for name, (queried, hits) in totals.items() if queried}
 
 
 def _uptime(seconds: float | None) -> str:
@@ -123,9 +145,12 @@ def status_report(cfg: Any, rd: Any, state: RunState) -> dict:
     now = time.time()
     sup_alive = bool(state.supervisor and state.supervisor.alive())
     services = []
+    engines: list[tuple[list[str], dict]] = []
     for rec in state.services:
         alive = bool(rec.proc and rec.proc.alive())
-        ok, detail = _health(rec) if alive else (False, "not running")
+        ok, detail, engine = _health(rec) if alive else (False, "not running", {})
+        if engine:
+            engines.append((list(rec.models), engine))
         shown = rec.state.value
         if rec.state in (ServiceState.RUNNING, ServiceState.RESTARTING, ServiceState.STARTING) and not alive:
             shown = "dead"
@@ -148,8 +173,10 @@ def status_report(cfg: Any, rd: Any, state: RunState) -> dict:
     controller_url = state.controller_url
     models, models_error = _models_from_controller(controller_url, cluster_token_for(cfg, rd), state)
     ttft = _ttft_p50(state.api_url)
+    hit_rates = _prefix_hit_rates(engines)
     for row in models:
         row["ttft_p50_s"] = ttft.get(row["name"])
+        row["prefix_cache_hit_rate"] = hit_rates.get(row["name"])
     running = state.phase not in (Phase.STOPPED,) and any(s["pid"] for s in services)
     healthy = bool(services) and all(s["healthy"] for s in services) and sup_alive
     return {
@@ -200,11 +227,12 @@ def status_renderable(report: dict) -> Any:
             parts.append(Text(f"  {s['name']}: {s['message']}"))
     if report["models"]:
         m = Table(title="models", title_justify="left")
-        for col in ("model", "workers", "queue", "running", "tokens/s", "TTFT p50", "memory"):
+        for col in ("model", "workers", "queue", "running", "tokens/s", "TTFT p50", "prefix hits", "memory"):
             m.add_column(col)
         for row in report["models"]:
             mem = f"{row['memory_bytes'] / 2**20:.0f} MiB" if row["memory_bytes"] else "-"
             ttft = row.get("ttft_p50_s")
+            hits = row.get("prefix_cache_hit_rate")
             m.add_row(
                 row["name"],
                 str(row["workers"]),
@@ -212,6 +240,7 @@ def status_renderable(report: dict) -> Any:
                 str(row["running"]),
                 f"{row['tokens_per_s']:.1f}",
                 "-" if ttft is None else f"{ttft * 1000:.0f} ms",
+                "-" if hits is None else f"{hits:.0%}",
                 mem,
             )
         parts.append(m)

@@ -142,6 +142,10 @@ class Target:
     context: int
 
     @property
+    def api_url(self) -> str:
+        return self.base_url.removesuffix("/v1")
+
+    @property
     def lenient(self) -> openai.OpenAI:
         """The same client without strict validation (for bodies the client's own types get wrong)."""
         return openai.OpenAI(base_url=self.base_url, api_key="none", max_retries=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,8 +26,15 @@ SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END, PAD]
 
 # ChatML, tool-aware the way Qwen 2.5 is: tool definitions in the system turn, assistant tool calls as
 # <tool_call> JSON, tool results as <tool_response> user turns. String content or OpenAI-style content
-# parts ([{"type": "text", "text": ...}]) both render; without tools it is plain ChatML.
+# parts ([{"type": "text", "text": ...}]) both render; without tools it is plain ChatML.  Thinking-aware
+# the way Qwen3 is, for the variables a request may set: an assistant turn's `reasoning_content` renders
+# as a <think> block, `enable_thinking=false` closes an empty one in the generation prompt, and
+# `reasoning_effort` (as GPT-OSS reads it) adds a line to the system turn.  None of these render when
+# the variables are not set.
 CHATML_TEMPLATE = (
+    "{%- if reasoning_effort is defined -%}"
+    "{{- '<|im_start|>system\\nReasoning: ' + reasoning_effort + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- if tools -%}"
     "{{- '<|im_start|>system\\n' -}}"
     "{%- if messages and messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\\n\\n' -}}{%- endif -%}"
@@ -42,6 +50,9 @@ CHATML_TEMPLATE = (
     "{%- else -%}{%- set content = message['content'] | selectattr('type', 'equalto', 'text')"
     " | map(attribute='text') | join('') -%}"
     "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' and message['reasoning_content'] -%}"
+    "{%- set content = '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' + content -%}"
+    "{%- endif -%}"
     "{%- if message['role'] == 'assistant' and message['tool_calls'] -%}"
     "{{- '<|im_start|>assistant\\n' + content -}}"
     "{%- for call in message['tool_calls'] -%}"
@@ -56,7 +67,9 @@ CHATML_TEMPLATE = (
     "{%- endif -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}{%- endif -%}"
 )
 
 _EN_SUBJECTS = [
@@ -172,9 +185,14 @@ def _corpus(seed: int, size: int = 600) -> list[str]:
 
 
 def build_tokenizer(
-    *, vocab_size: int = 1024, seed: int = 0, chat_template: str | None = CHATML_TEMPLATE
+    *,
+    vocab_size: int = 1024,
+    seed: int = 0,
+    chat_template: str | None = CHATML_TEMPLATE,
+    corpus: list[str] | None = None,
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE (any UTF-8 round-trips) and wrap it the way real chat checkpoints ship."""
+    """Train a byte-level BPE (any UTF-8 round-trips) and wrap it the way real chat checkpoints ship;
+    `corpus` adds text of its own (a model trained on some texts reads them in fewer tokens)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -184,7 +202,7 @@ def build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(_corpus(seed) + list(corpus or []), trainer=trainer)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
@@ -234,6 +252,7 @@ def build_tiny_llama(
     seed: int = 0,
     chat_template: str | None = CHATML_TEMPLATE,
     dtype: torch.dtype = torch.float32,
+    corpus: list[str] | None = None,
 ) -> Path:
     """Write a tiny random ``LlamaForCausalLM`` + tokenizer checkpoint to ``dest`` and return ``dest``.
 
@@ -242,7 +261,7 @@ def build_tiny_llama(
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(vocab_size=vocab_size, seed=seed, chat_template=chat_template)
+    tokenizer = build_tokenizer(vocab_size=vocab_size, seed=seed, chat_template=chat_template, corpus=corpus)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -279,41 +298,74 @@ def build_tiny_llama_no_template(dest: Path, **kwargs: object) -> Path:
     return path
 
 
-def build_tool_caller(
-    dest: Path, conversations: list[tuple[list[dict], list[dict], str]], *, steps: int = 300, seed: int = 0
-) -> Path:
-    """A tiny Llama trained (for a few seconds) to answer each `(messages, tools, reply)` with `reply`.
+@dataclass
+class Conversation:
+    """One thing a trained tiny model says: `reply` to `messages` (with `tools`), the prompt rendered as
+    the worker renders it (the model's chat template, with `template_kwargs`)."""
 
-    Tool-call parsing needs a model that really writes `<tool_call>` blocks: a random one never does.
-    Greedy decoding of the trained model reproduces each reply (followed by the end-of-turn token) for
-    its own conversation; other prompts get whatever it makes of them.
+    messages: list[dict]
+    reply: str
+    tools: list[dict] | None = None
+    template_kwargs: dict = field(default_factory=dict)
+
+
+def build_tool_caller(
+    dest: Path,
+    conversations: list[tuple[list[dict], list[dict] | None, str] | Conversation],
+    *,
+    steps: int = 400,
+    seed: int = 0,
+) -> Path:
+    """A tiny Llama trained (for a few seconds) to answer each conversation with its reply.
+
+    Tool-call and reasoning parsing need a model that really writes `<tool_call>` and `<think>` blocks: a
+    random one never does.  Greedy decoding of the trained model reproduces each reply (followed by the
+    end-of-turn token) for its own conversation; other prompts get whatever it makes of them.
+    Conversations are `(messages, tools, reply)` tuples or `Conversation`s, all trained on together (one
+    step over all of them) until every reply token is by far the most likely.  The tokenizer learns the
+    conversations' own text too, so their prompts (tool definitions above all) are short and training fast.
     """
-    dest = build_tiny_llama(dest, seed=seed)
+    wanted = [c if isinstance(c, Conversation) else Conversation(c[0], c[2], c[1]) for c in conversations]
+    plain = build_tokenizer(seed=seed)
+    texts = [_prompt(plain, c) + c.reply for c in wanted]
+    dest = build_tiny_llama(dest, seed=seed, vocab_size=2048, corpus=texts * 8)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(dest)
     model = LlamaForCausalLM.from_pretrained(dest, dtype=torch.float32)
-    end = tokenizer.convert_tokens_to_ids(IM_END)
-    examples = []
-    for messages, tools, reply in conversations:
-        prompt = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-        reply_ids = tokenizer.encode(reply, add_special_tokens=False) + [end]
-        ids = torch.tensor([prompt_ids + reply_ids])
-        labels = torch.tensor([[-100] * len(prompt_ids) + reply_ids])
-        examples.append((ids, labels))
+    rows = _training_rows(tokenizer, wanted)
     torch.manual_seed(seed)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = [float("inf")] * len(examples)
-    for step in range(steps):
-        k = step % len(examples)
-        ids, labels = examples[k]
-        loss = model(input_ids=ids, labels=labels).loss
+    for _ in range(steps):
         optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses[k] = loss.item()
-        if max(losses) < 0.02:  # every reply token is by far the most likely: greedy reproduces them
+        worst = 0.0
+        for ids, labels in rows:  # one row at a time: no padding to compute
+            logits = model(input_ids=ids).logits[0, :-1]
+            target = labels[0, 1:]
+            per_token = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="none")
+            worst = max(worst, per_token[target != -100].max().item())
+            (per_token.sum() / (target != -100).sum() / len(rows)).backward()
+        if worst < 0.1:  # every reply token at p > 0.9: greedy decoding reproduces every reply
             break
+        optimizer.step()
     model.eval()
     model.save_pretrained(dest)
     return dest
+
+
+def _prompt(tokenizer: PreTrainedTokenizerFast, c: Conversation) -> str:
+    return tokenizer.apply_chat_template(
+        c.messages, tools=c.tools, add_generation_prompt=True, tokenize=False, **c.template_kwargs
+    )
+
+
+def _training_rows(
+    tokenizer: PreTrainedTokenizerFast, conversations: list[Conversation]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Prompt + reply ids of each conversation, with labels on the reply (and its end) only."""
+    end = tokenizer.convert_tokens_to_ids(IM_END)
+    rows = []
+    for c in conversations:
+        prompt_ids = tokenizer.encode(_prompt(tokenizer, c), add_special_tokens=False)
+        reply_ids = tokenizer.encode(c.reply, add_special_tokens=False) + [end]
+        rows.append((torch.tensor([prompt_ids + reply_ids]), torch.tensor([[-100] * len(prompt_ids) + reply_ids])))
+    return rows

@@ -34,6 +34,9 @@ class ChatCompletions:
         tools = req.tool_spec()
         if tools is not None:
             body["tools"] = tools.model_dump()
+        kwargs = req.template_kwargs()
+        if kwargs:
+            body["chat_template_kwargs"] = kwargs
         return body
 
     async def chat(self, req: ChatCompletionRequest, tracker: RequestTracker) -> dict[str, Any]:
@@ -100,6 +103,8 @@ class ChatCompletions:
                     break
                 else:
                     delta: dict[str, Any] = {}
+                    if "reasoning" in event:  # both names: clients read one or the other
+                        delta["reasoning_content"] = delta["reasoning"] = event["reasoning"]
                     if event["text"]:
                         delta["content"] = event["text"]
                     if "tool_calls" in event:

@@ -66,6 +66,9 @@ class ChatMessage(_Strict):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
+    # an assistant turn's reasoning, under either of the names servers return it as
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     @model_validator(mode="after")
     def _content(self) -> ChatMessage:
@@ -79,6 +82,8 @@ class ChatMessage(_Strict):
             raise ValueError("a 'tool' message needs 'tool_call_id', the id of the call it answers")
         if self.tool_calls is not None and self.role != "assistant":
             raise ValueError("only 'assistant' messages carry tool_calls")
+        if (self.reasoning_content is not None or self.reasoning is not None) and self.role != "assistant":
+            raise ValueError("only 'assistant' messages carry reasoning")
         return self
 
     def text(self) -> str:
@@ -93,6 +98,9 @@ class ChatMessage(_Strict):
         the name of the function they answer."""
         role = "system" if self.role == "developer" else self.role
         out: dict[str, Any] = {"role": role, "content": self.text()}
+        reasoning = self.reasoning_content or self.reasoning
+        if reasoning:
+            out["reasoning_content"] = reasoning  # the name chat templates of thinking models read
         if self.tool_calls:
             out["tool_calls"] = [
                 {
@@ -122,6 +130,30 @@ class FunctionDefinition(_Strict):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
+# apply_chat_template's own arguments: a request may not set them through chat_template_kwargs
+_TEMPLATE_RESERVED = {
+    "messages", "conversation", "tools", "documents", "chat_template", "tokenize", "add_generation_prompt",
+    "continue_final_message", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding",
+    "truncation", "max_length", "tokenizer_kwargs",
+}  # fmt: skip
+
+
+def template_kwargs(
+    effort: str | None, kwargs: dict[str, Any] | None, *, param: str = "chat_template_kwargs"
+) -> dict[str, Any] | None:
+    """Variables for the chat template: `reasoning_effort` (GPT-OSS and others read it) and the
+    request's `chat_template_kwargs` (e.g. Qwen3's `enable_thinking`)."""
+    out = dict(kwargs or {})
+    reserved = sorted(_TEMPLATE_RESERVED & set(out))
+    if reserved:
+        raise InvalidRequest(f"{param} may not set {', '.join(reserved)}", param=param)
+    if effort is not None:
+        out.setdefault("reasoning_effort", effort)
+    return out or None
 
 
 class ToolDefinition(_Strict):
@@ -245,6 +277,8 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
+    reasoning_effort: ReasoningEffort | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extension (vLLM's name)
 
     @model_validator(mode="after")
     def _chat_combinations(self) -> ChatCompletionRequest:
@@ -282,7 +316,11 @@ class ChatCompletionRequest(_SamplingFields):
             raise InvalidRequest(
                 "parallel_tool_calls is only allowed when tools are given", param="parallel_tool_calls"
             )
+        self.template_kwargs()  # reserved names are refused here, before anything is sent
         return self
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        return template_kwargs(self.reasoning_effort, self.chat_template_kwargs)
 
     def to_sampling_params(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None

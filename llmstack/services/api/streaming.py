@@ -29,6 +29,11 @@ def sse(obj: dict[str, Any]) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+def sse_event(event: dict[str, Any]) -> bytes:
+    """An SSE event named by its `type` (the Responses and Anthropic Messages streams are)."""
+    return b"event: " + event["type"].encode() + b"\n" + sse(event)
+
+
 async def first_event(events: AsyncIterator[StreamEvent]) -> StreamEvent | None:
     """Pull the first event so failures before any output surface as a proper HTTP error."""
     try:
@@ -56,18 +61,23 @@ async def chain(first: StreamEvent | None, rest: AsyncIterator[StreamEvent]) -> 
 class Choice:
     """One choice put together from its stream events."""
 
-    __slots__ = ("parts", "finish", "calls", "logprobs")
+    __slots__ = ("parts", "reasoning_parts", "finish", "stop_sequence", "calls", "logprobs")
 
     def __init__(self) -> None:
         self.parts: list[str] = []
+        self.reasoning_parts: list[str] = []
         self.finish = "stop"
+        self.stop_sequence: str | None = None
         self.calls: dict[int, dict[str, Any]] = {}
         self.logprobs: list[dict[str, Any]] | None = None
 
     def add(self, event: TextEvent) -> None:
         self.parts.append(event["text"])
+        if "reasoning" in event:
+            self.reasoning_parts.append(event["reasoning"])
         if event.get("finish_reason"):
             self.finish = event["finish_reason"]
+            self.stop_sequence = event.get("stop_sequence")
         if "logprobs" in event:
             self.logprobs = (self.logprobs or []) + event["logprobs"]
         for delta in event.get("tool_calls", ()):
@@ -85,6 +95,10 @@ class Choice:
     def text(self) -> str:
         return "".join(self.parts)
 
+    @property
+    def reasoning(self) -> str:
+        return "".join(self.reasoning_parts)
+
     def message(self) -> dict[str, Any]:
         text = self.text
         message: dict[str, Any] = {
@@ -92,6 +106,8 @@ class Choice:
             "content": text or (None if self.calls else ""),
             "refusal": None,
         }
+        if self.reasoning_parts:  # both names: clients read one or the other
+            message["reasoning_content"] = message["reasoning"] = self.reasoning
         if self.calls:
             message["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
         return message
@@ -107,7 +123,7 @@ async def collect(events: AsyncIterator[StreamEvent], n: int, tracker: RequestTr
         elif "error" in event:
             raise LLMStackError.from_body(event)
         else:
-            if event["text"] or "tool_calls" in event:
+            if event["text"] or "tool_calls" in event or "reasoning" in event:
                 tracker.first_token()
             choices[event["index"]].add(event)
     return choices, usage

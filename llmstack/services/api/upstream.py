@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from contextvars import ContextVar
+from typing import Any, Protocol, cast
 
 import anyio
 import httpx
@@ -23,6 +24,28 @@ _RETRYABLE_STATUS = {429, 502, 503}
 
 # the worker answers headers at once; only queueing and generation may take long
 _STREAM_HTTP_TIMEOUT = httpx.Timeout(connect=3.0, read=None, write=30.0, pool=30.0)
+
+
+class Meter(Protocol):
+    """Who pays for a request (an API key's grant): told what the worker reports as it happens."""
+
+    def worker_fields(self) -> dict[str, Any]:
+        """Extra fields for the worker's request body (priority, asking for the prompt's token count)."""
+        ...
+
+    def prompt(self, tokens: int) -> None:
+        """The prompt's token count, before generation; may raise (a rate limit) to refuse the request."""
+        ...
+
+    def generated(self, tokens: int) -> None: ...
+
+    async def usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """A stream's (or a post's) final counts; awaited before they are passed on to the client."""
+        ...
+
+
+#: The meter of the request being served (set when its key admits it); None: nobody meters it.
+current_meter: ContextVar[Meter | None] = ContextVar("current_meter", default=None)
 
 
 class _Lost(Exception):
@@ -120,6 +143,10 @@ class WorkerStream:
         last_error: LLMStackError | None = None
         headers = self._headers()
         deadline = time.monotonic() + self.request_timeout
+        meter = current_meter.get()
+        if meter is not None and meter.worker_fields():
+            body = {**body, **meter.worker_fields()}
+        prompted = False  # a retry on another worker reports the prompt again: it is counted once
         for _ in range(self.max_attempts):
             route = self._pick(model, tried, last_error)
             started = False
@@ -156,7 +183,14 @@ class WorkerStream:
                             raise _Lost(f"{type(exc).__name__}: {exc}") from exc
                         parsed = [cast(StreamEvent, orjson.loads(line)) for line in lines if line]
                         for event in _merge_text_events(parsed):
+                            if "prompt_tokens" in event:  # counted before generation; not the stream's start
+                                if meter is not None and not prompted:
+                                    meter.prompt(event["prompt_tokens"])
+                                prompted = True
+                                continue
                             started = True
+                            if meter is not None:
+                                await _report(meter, event)
                             yield event
                     self.router.mark_ok(route)
                     return
@@ -194,13 +228,24 @@ class WorkerStream:
             finally:
                 route.inflight -= 1
             if response.status_code == 200:
-                return response.json()
+                reply = response.json()
+                meter = current_meter.get()
+                if meter is not None and isinstance(reply.get("prompt_tokens"), int):  # embeddings
+                    await meter.usage(reply["prompt_tokens"], 0)
+                return reply
             error = _error_from(response.content, response.status_code)
             if response.status_code not in _RETRYABLE_STATUS:
                 raise error
             self.router.count_failover(model, "overloaded")
             last_error = error
         raise last_error or ServiceUnavailable(f"no worker could serve '{model}'")
+
+
+async def _report(meter: Meter, event: dict[str, Any]) -> None:
+    if "usage" in event:
+        await meter.usage(event["usage"]["prompt_tokens"], event["usage"]["completion_tokens"])
+    elif "tokens" in event:
+        meter.generated(event["tokens"])
 
 
 async def _ndjson_batches(response: httpx.Response) -> AsyncIterator[list[bytes]]:
@@ -240,16 +285,21 @@ def _joinable(last: TextEvent, event: TextEvent) -> bool:
         and "tool_calls" not in last
         and "tool_calls" not in event
         and ("logprobs" in last) == ("logprobs" in event)
+        and not ("reasoning" in event and last["text"])  # reasoning after text: keep the order
     )
 
 
 def _join(last: TextEvent, event: TextEvent) -> None:
+    if "reasoning" in event:
+        last["reasoning"] = last.get("reasoning", "") + event["reasoning"]
     last["text"] += event["text"]
     last["tokens"] += event["tokens"]
     if "logprobs" in event:
         last["logprobs"] = last["logprobs"] + event["logprobs"]
     if event.get("finish_reason"):
         last["finish_reason"] = event["finish_reason"]
+        if "stop_sequence" in event:
+            last["stop_sequence"] = event["stop_sequence"]
 
 
 def _error_from(content: bytes, status: int) -> LLMStackError:

@@ -20,13 +20,15 @@ class Chunk:
     """Text produced since the previous chunk of one sequence; `finish_reason` ends the sequence.
 
     `logprobs` has one OpenAI-shaped entry per token of the chunk when the request asked for them;
-    `prompt_logprobs` (first chunk only) the prompt's, when asked for."""
+    `prompt_logprobs` (first chunk only) the prompt's, when asked for.  `stop_sequence` (last chunk
+    only) is the stop string that ended the sequence, when one did."""
 
     text: str
     tokens: int
     finish_reason: str | None = None
     logprobs: list[dict[str, Any]] | None = None
     prompt_logprobs: list[dict[str, Any]] | None = None
+    stop_sequence: str | None = None
 
     def then(self, later: Chunk) -> Chunk:
         """This chunk and the next one of the same sequence as one."""
@@ -37,6 +39,7 @@ class Chunk:
             later.finish_reason,
             logprobs,
             self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+            later.stop_sequence,
         )
 
 
@@ -47,6 +50,16 @@ class EngineStats:
     tokens_per_s: float = 0.0
     batch_size: int | None = None  # sequences in the current forward pass (batching engines)
     kv_cache_usage: float | None = None  # fraction of the KV cache in use (engines that manage one)
+    # prefix caching, since start (None: the engine has none, or it is off)
+    prefix_cache_queried_tokens: int | None = None  # prompt tokens looked up
+    prefix_cache_hit_tokens: int | None = None  # of those, served from the cache
+
+    @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        queried, hits = self.prefix_cache_queried_tokens, self.prefix_cache_hit_tokens
+        if queried is None or hits is None:
+            return None
+        return hits / queried if queried else 0.0
 
 
 class Engine(abc.ABC):
@@ -68,9 +81,15 @@ class Engine(abc.ABC):
         """Release resources."""
 
     @abc.abstractmethod
-    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
         """The prompt for a chat, through the model's chat template (or a named fallback), with the
-        tool definitions when given."""
+        tool definitions when given; `template_kwargs` are further variables for the template (e.g.
+        `enable_thinking`, `reasoning_effort`)."""
 
     def check(self, params: SamplingParams) -> None:  # noqa: B027 - optional hook
         """Raise `InvalidRequest` for settings this engine cannot honour, before streaming starts (on the
@@ -82,6 +101,14 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids back to text (special tokens left out)."""
+        raise InvalidRequest("this engine cannot turn token ids back into text", param="tokens")
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        """The vocabulary entry of each token id."""
+        raise InvalidRequest("this engine cannot list token strings", param="return_token_strs")
 
     @abc.abstractmethod
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
@@ -102,11 +129,16 @@ class TemplatedEngine(Engine):
     tokenizer: Any = None
     renderer: Any = None
 
-    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
         if self.renderer is None:
             raise InvalidRequest("this model is an embedding model; it does not chat", param="model")
         try:
-            return self.renderer.render(messages, tools)
+            return self.renderer.render(messages, tools, template_kwargs)
         except Exception as exc:  # template errors are the request's fault (e.g. role order)
             raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from exc
 
@@ -126,6 +158,27 @@ class TemplatedEngine(Engine):
         if self.renderer is not None:
             self.check(SamplingParams(structure=Structure(kind="json_object")))
 
+    def _check_ids(self, ids: list[int]) -> None:
+        size = len(self.tokenizer)
+        bad = [t for t in ids if not 0 <= t < size]
+        if bad:
+            raise InvalidRequest(
+                f"token ids outside this model's vocabulary (0..{size - 1}): {bad[:5]}", param="tokens"
+            )
+
+    def decode(self, ids: list[int]) -> str:
+        self._check_ids(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        self._check_ids(ids)
+        return [str(t) for t in self.tokenizer.convert_ids_to_tokens(ids)]
+
     @property
     def template_stop(self) -> list[str]:
         return self.renderer.stop if self.renderer else []
+
+    @property
+    def template_stop_ids(self) -> list[int]:
+        """Special tokens that end a turn of the chat template in use (`<end_of_turn>`, `<|im_end|>`...)."""
+        return self.renderer.stop_token_ids if self.renderer else []

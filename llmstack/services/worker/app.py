@@ -1,15 +1,16 @@
 """The model worker's HTTP app: one engine behind a small API, registered with a controller.
 
-Routes: `POST /generate` (NDJSON stream of deltas), `POST /embeddings`, `POST /count_tokens`,
-`GET /model_details`, `GET /health`, `GET /metrics`.  The work lives in `service.py`.
+Routes: `POST /generate` (NDJSON stream of deltas), `POST /embeddings`, `POST /count_tokens` (also
+tokenises), `POST /detokenize`, `GET /model_details`, `GET /health`, `GET /metrics`.  The work lives in `service.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -18,9 +19,9 @@ from fastapi.responses import Response, StreamingResponse
 
 from llmstack.common.errors import InvalidRequest, Overloaded, ServiceUnavailable
 from llmstack.common.http import check_bearer, install_error_handlers
-from llmstack.common.metrics import MetricsMiddleware, RequestTracker, gauge_collector
+from llmstack.common.metrics import MetricsMiddleware, RequestTracker, counter_collector, gauge_collector
 from llmstack.common.net import bearer, is_loopback
-from llmstack.common.wire import CountTokensRequest, EmbedReply, EmbedRequest, GenerateRequest
+from llmstack.common.wire import CountTokensRequest, DetokenizeRequest, EmbedReply, EmbedRequest, GenerateRequest
 from llmstack.services.engines.base import Engine
 from llmstack.services.worker.link import ControllerLink
 from llmstack.services.worker.service import WorkerService, WorkerSettings
@@ -88,10 +89,62 @@ def _routes(app: FastAPI, service: WorkerService) -> None:
         request.state.tracker = tracker
         return tracker
 
+    require_token = _token_check(settings)
+    _info_routes(app, service, require_token)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint() -> Response:
+        return metrics.render()
+
+    @app.post("/generate", dependencies=[Depends(require_token)])
+    async def generate(req: GenerateRequest, request: Request) -> StreamingResponse:
+        tracker = track(request, req.model)
+        if service.draining:  # the API server retries another worker on 503
+            raise ServiceUnavailable("this worker is shutting down", code="worker_stopping")
+        if engine.kind != "chat":
+            raise InvalidRequest(
+                f"'{settings.model_names[0]}' is an embedding model; use /v1/embeddings", param="model"
+            )
+        prompt_ids, params = await service.on_text_thread(service.admit_prompt, req)
+        if service.admission.full:
+            raise Overloaded(f"worker queue is full ({service.admission.max_queue} waiting)")
+        echo = (req.prompt or "") if req.echo else None
+        stream = service.stream(
+            prompt_ids,
+            params,
+            echo,
+            tracker,
+            req.tools,
+            chat=req.messages is not None,
+            priority=req.priority,
+            report_prompt=req.report_prompt_tokens,
+        )
+        return StreamingResponse(stream, media_type="application/x-ndjson")
+
+    @app.post("/embeddings", dependencies=[Depends(require_token)])
+    async def embeddings(req: EmbedRequest, request: Request) -> EmbedReply:
+        if service.draining:
+            raise ServiceUnavailable("this worker is shutting down", code="worker_stopping")
+        truncate = settings.embed_in_truncate if req.truncate is None else req.truncate
+        tracker = track(request, None)
+        async with service.admission.slot():
+            vectors, tokens = await engine.embed(req.input, truncate)
+        tracker.usage(tokens, 0)
+        return EmbedReply(embeddings=vectors, prompt_tokens=tokens)
+
+
+def _token_check(settings: WorkerSettings) -> Callable[[Request], Awaitable[None]]:
     tokens = [settings.cluster_token] if settings.cluster_token else []
 
     async def require_token(request: Request) -> None:  # async: a plain def would run in the thread pool
         check_bearer(request, tokens, what="cluster token")
+
+    return require_token
+
+
+def _info_routes(app: FastAPI, service: WorkerService, require_token: Callable[[Request], Awaitable[None]]) -> None:
+    """What the worker is and how it does (health, details), and its tokenizer (count, detokenize)."""
+    settings, engine = service.settings, service.engine
 
     @app.get("/health")
     async def health() -> dict:
@@ -116,39 +169,16 @@ def _routes(app: FastAPI, service: WorkerService) -> None:
 
     @app.post("/count_tokens", dependencies=[Depends(require_token)])
     async def count_tokens(req: CountTokensRequest) -> dict:
-        prompt_ids = await service.on_text_thread(service.prompt_ids, req)
-        return {"count": len(prompt_ids), "context_length": engine.context_length}
+        ids = await service.on_text_thread(service.prompt_ids, req)
+        reply: dict[str, Any] = {"count": len(ids), "context_length": engine.context_length}
+        if req.return_tokens:
+            reply["tokens"] = ids
+            reply["token_strs"] = await service.on_text_thread(engine.token_strs, ids)
+        return reply
 
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics_endpoint() -> Response:
-        return metrics.render()
-
-    @app.post("/generate", dependencies=[Depends(require_token)])
-    async def generate(req: GenerateRequest, request: Request) -> StreamingResponse:
-        tracker = track(request, req.model)
-        if service.draining:  # the API server retries another worker on 503
-            raise ServiceUnavailable("this worker is shutting down", code="worker_stopping")
-        if engine.kind != "chat":
-            raise InvalidRequest(
-                f"'{settings.model_names[0]}' is an embedding model; use /v1/embeddings", param="model"
-            )
-        prompt_ids, params = await service.on_text_thread(service.admit_prompt, req)
-        if service.admission.full:
-            raise Overloaded(f"worker queue is full ({service.admission.max_queue} waiting)")
-        echo = (req.prompt or "") if req.echo else None
-        stream = service.stream(prompt_ids, params, echo, tracker, req.tools)
-        return StreamingResponse(stream, media_type="application/x-ndjson")
-
-    @app.post("/embeddings", dependencies=[Depends(require_token)])
-    async def embeddings(req: EmbedRequest, request: Request) -> EmbedReply:
-        if service.draining:
-            raise ServiceUnavailable("this worker is shutting down", code="worker_stopping")
-        truncate = settings.embed_in_truncate if req.truncate is None else req.truncate
-        tracker = track(request, None)
-        async with service.admission.slot():
-            vectors, tokens = await engine.embed(req.input, truncate)
-        tracker.usage(tokens, 0)
-        return EmbedReply(embeddings=vectors, prompt_tokens=tokens)
+    @app.post("/detokenize", dependencies=[Depends(require_token)])
+    async def detokenize(req: DetokenizeRequest) -> dict:
+        return {"prompt": await service.on_text_thread(engine.decode, req.tokens)}
 
 
 def _endpoint(path: str) -> str | None:
@@ -156,7 +186,7 @@ def _endpoint(path: str) -> str | None:
 
 
 def _register_worker_gauges(service: WorkerService) -> None:
-    """Live figures read at scrape time: queue, and what the engine knows (batch, KV cache)."""
+    """Live figures read at scrape time: queue, and what the engine knows (batch, KV and prefix cache)."""
     registry = service.metrics.registry
     model = service.settings.model_names[0]
 
@@ -192,5 +222,29 @@ def _register_worker_gauges(service: WorkerService) -> None:
             "Recent decode speed.",
             ["model"],
             engine_figure("tokens_per_s"),
+        )
+    )
+    registry.register(
+        counter_collector(
+            "llmstack_worker_prefix_cache_queried_tokens",
+            "Prompt tokens looked up in the engine's prefix cache.",
+            ["model"],
+            engine_figure("prefix_cache_queried_tokens"),
+        )
+    )
+    registry.register(
+        counter_collector(
+            "llmstack_worker_prefix_cache_hit_tokens",
+            "Prompt tokens served from the engine's prefix cache.",
+            ["model"],
+            engine_figure("prefix_cache_hit_tokens"),
+        )
+    )
+    registry.register(
+        gauge_collector(
+            "llmstack_worker_prefix_cache_hit_ratio",
+            "Prompt tokens served from the prefix cache / tokens looked up, since start.",
+            ["model"],
+            engine_figure("prefix_cache_hit_rate"),
         )
     )

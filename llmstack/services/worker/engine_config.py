@@ -21,10 +21,11 @@ def vllm_engine_args(opts: WorkerOptions) -> dict[str, Any]:
     return args
 
 
-#: Options that configure the worker process or its HTTP layer rather than the engine.
+#: Options that configure the worker process or its HTTP layer rather than the engine (gguf_file is
+#: resolved by the worker into the .gguf model path the engine gets).
 WORKER_LEVEL = frozenset(
     {"backend", "host", "port", "worker_address", "gpus", "limit_worker_concurrency", "max_queue", "tool_parser",
-     "heartbeat_interval"}
+     "reasoning_parser", "heartbeat_interval", "gguf_file"}
 )  # fmt: skip
 _HF_GROUPS = ("gptq", "awq")  # HFEngineConfig takes these as dicts: gptq_wbits -> gptq["wbits"]
 

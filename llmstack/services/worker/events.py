@@ -9,11 +9,20 @@ import orjson
 
 from llmstack.common.errors import LLMStackError
 from llmstack.common.wire import ErrorEvent, StreamEvent, TextEvent
+from llmstack.services.worker.reasoning import ThinkReader
 from llmstack.services.worker.toolcalls import ToolCallReader
 
 
-def text_event(index: int, chunk: Any, reader: ToolCallReader | None = None) -> TextEvent:
+def text_event(
+    index: int, chunk: Any, reader: ToolCallReader | None = None, thinker: ThinkReader | None = None
+) -> TextEvent:
     text, finish = chunk.text, chunk.finish_reason
+    reasoning = ""
+    if thinker is not None:  # reasoning first: tool calls are read from the answer only
+        reasoning, text = thinker.feed(text)
+        if finish is not None:
+            more_reasoning, more_text = thinker.finish()
+            reasoning, text = reasoning + more_reasoning, text + more_text
     calls: list[dict[str, Any]] = []
     if reader is not None:
         text, calls = reader.feed(text)
@@ -22,8 +31,12 @@ def text_event(index: int, chunk: Any, reader: ToolCallReader | None = None) -> 
             text += tail
             calls += more
     event: TextEvent = {"index": index, "text": text, "tokens": chunk.tokens}
+    if reasoning:
+        event["reasoning"] = reasoning
     if finish is not None:
         event["finish_reason"] = finish
+        if chunk.stop_sequence is not None:
+            event["stop_sequence"] = chunk.stop_sequence
     if chunk.logprobs is not None:
         event["logprobs"] = chunk.logprobs
     if calls:

@@ -59,6 +59,7 @@ def serve_worker(options: WorkerOptions, process: WorkerProcess) -> None:
         cluster_token=process.cluster_token,
         embed_in_truncate=options.embed_in_truncate,
         tool_parser=options.tool_parser,
+        reasoning_parser=options.reasoning_parser,
     )
     app = build_worker_app(settings, engine)
     try:

@@ -16,11 +16,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmstack.common.net import ALL_INTERFACES
+from llmstack.services.worker.reasoning import PARSERS as REASONING_PARSERS
 from llmstack.services.worker.toolcalls import PARSERS
 
 Backend = Literal["transformers", "vllm"]
 Port = Annotated[int, Field(ge=1, le=65535)]
 ToolParser = Literal[tuple(PARSERS)]  # type: ignore[valid-type]
+ReasoningParser = Literal[REASONING_PARSERS]  # type: ignore[valid-type]
 VLLM_PANEL = "vLLM engine (--backend vllm)"
 
 
@@ -59,6 +61,14 @@ class WorkerOptions(BaseModel):
     ] = []
     backend: Annotated[Backend, Opt("Engine: transformers or vllm.", envvar="LLMSTACK_BACKEND")] = "transformers"
     revision: Annotated[str | None, Opt("Model revision (branch, tag or commit).", vllm="revision")] = None
+    gguf_file: Annotated[
+        str | None,
+        Opt(
+            "With a directory or hub repo of .gguf files: the one to load, by name or pattern (e.g. "
+            "'*q4_k_m.gguf'); only that file is downloaded. A .gguf model path needs none.",
+            example="*q4_k_m.gguf",
+        ),
+    ] = None
     host: Annotated[str, Opt("Address to bind. Loopback unless you mean to expose it.")] = "127.0.0.1"
     port: Annotated[Port, Opt("Port to listen on.")] = 21002
     worker_address: Annotated[str | None, Opt("URL the API server uses to reach this worker.")] = None
@@ -112,6 +122,14 @@ class WorkerOptions(BaseModel):
     max_batch_tokens: Annotated[
         int, Field(ge=1), Opt("KV-cache positions the running batch may hold (transformers).")
     ] = 16384
+    prefix_caching: Annotated[
+        bool,
+        Opt(
+            "Reuse the cached keys/values of a prompt's already-seen prefix (a shared system prompt, earlier "
+            "chat turns).",
+            vllm="enable_prefix_caching",
+        ),
+    ] = True
     seed: Annotated[int | None, Opt("Global random seed.", vllm="seed")] = None
     trust_remote_code: Annotated[
         bool, Opt("Run the model repository's own code (Baichuan2 needs it).", vllm="trust_remote_code")
@@ -124,6 +142,14 @@ class WorkerOptions(BaseModel):
             "as Qwen 2.5/3 and Hermes models write them)."
         ),
     ] = "hermes"
+    reasoning_parser: Annotated[
+        ReasoningParser | None,
+        Opt(
+            "How a thinking model's reasoning is read from its text and returned apart from the answer "
+            "(qwen3: a leading <think> block; deepseek_r1: everything before </think>). Default: none.",
+            example="qwen3",
+        ),
+    ] = None
     heartbeat_interval: Annotated[float, Field(gt=0), Opt("Seconds between heartbeats.")] = 3.0
     # GPTQ/AWQ load from a pre-quantized checkpoint; these are checked against its quantization_config
     gptq_ckpt: Annotated[
@@ -187,6 +213,15 @@ class WorkerOptions(BaseModel):
             raise ValueError("names must be non-empty and contain no commas")
         return names
 
+    @field_validator("gguf_file")
+    @classmethod
+    def _gguf_file(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            from llmstack.services.engines.gguf.files import check_pattern  # import-free, like templates
+
+            check_pattern(pattern)
+        return pattern
+
     @field_validator("conv_template")
     @classmethod
     def _template(cls, name: str | None) -> str | None:
@@ -233,7 +268,11 @@ class WorkerOptions(BaseModel):
 
     @property
     def served_names(self) -> list[str]:
-        return self.names or [self.model.rstrip("/").rsplit("/", 1)[-1]]
+        """`names`, else the model's last path part (a GGUF file without .gguf, a package without pypi:)."""
+        if self.names:
+            return self.names
+        last = self.model.rstrip("/").rsplit("/", 1)[-1].removeprefix("pypi:")
+        return [last[: -len(".gguf")] if last.lower().endswith(".gguf") else last]
 
 
 def _options() -> dict[str, Opt]:
@@ -251,6 +290,11 @@ OPTIONS: dict[str, Opt] = {}
 
 def flag_of(name: str) -> str:
     return OPTIONS[name].flag or "--" + name.replace("_", "-")
+
+
+def off_flag_of(name: str) -> str:
+    """The flag that turns off a boolean option that is on by default (`--no-the-name`)."""
+    return "--no-" + flag_of(name).removeprefix("--")
 
 
 Surface = Literal["cli", "toml"]

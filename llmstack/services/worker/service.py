@@ -27,6 +27,8 @@ from llmstack.services.engines.base import Engine
 from llmstack.services.worker.admission import Admission
 from llmstack.services.worker.events import echo_event, error_event, line, text_event
 from llmstack.services.worker.link import ControllerLink
+from llmstack.services.worker.reasoning import ThinkReader
+from llmstack.services.worker.reasoning import reader_for as thinker_for
 from llmstack.services.worker.toolcalls import ToolCallReader, forced_structure, reader_for
 
 log = logging.getLogger("llmstack.worker")
@@ -45,6 +47,7 @@ class WorkerSettings:
     cluster_token: str | None = None
     embed_in_truncate: bool = False
     tool_parser: str = "hermes"  # how tool calls are read from the model's text (toolcalls.PARSERS)
+    reasoning_parser: str | None = None  # how reasoning is read from it (reasoning.PARSERS); None: not at all
     worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
@@ -96,9 +99,11 @@ class WorkerService:
         if req.messages is not None:
             spec = getattr(req, "tools", None)
             tools = spec.tools if spec is not None and spec.choice != "none" else None
-            return self.engine.encode(self.engine.render_chat(req.messages, tools), add_special_tokens=False)
+            prompt = self.engine.render_chat(req.messages, tools, req.chat_template_kwargs)
+            return self.engine.encode(prompt, add_special_tokens=False)
         if req.prompt is not None:
-            return self.engine.encode(req.prompt)
+            special = getattr(req, "add_special_tokens", None)
+            return self.engine.encode(req.prompt, True if special is None else special)
         raise InvalidRequest("either 'prompt' or 'messages' is required", param="prompt")
 
     def check_budget(self, prompt_len: int, params: SamplingParams) -> SamplingParams:
@@ -120,7 +125,11 @@ class WorkerService:
                 param="max_tokens",
             )
         stop = list(dict.fromkeys([*params.stop, *getattr(self.engine, "template_stop", [])]))
-        return params.model_copy(update={"max_tokens": params.max_tokens or room, "stop": stop})
+        update: dict[str, Any] = {"max_tokens": params.max_tokens or room, "stop": stop}
+        if not params.ignore_eos:  # the template's end-of-turn tokens end a sequence as its eos does
+            turn_ends = getattr(self.engine, "template_stop_ids", [])
+            update["stop_token_ids"] = list(dict.fromkeys([*params.stop_token_ids, *turn_ends]))
+        return params.model_copy(update=update)
 
     def admit_prompt(self, req: GenerateRequest) -> tuple[list[int], SamplingParams]:
         """The request's prompt as token ids and its checked sampling settings (text thread)."""
@@ -146,6 +155,15 @@ class WorkerService:
     def readers(self, spec: ToolSpec | None, n: int) -> list[ToolCallReader | None]:
         return [reader_for(spec, self.settings.tool_parser) if spec is not None else None for _ in range(n)]
 
+    def thinkers(self, prompt_ids: list[int], params: SamplingParams, chat: bool) -> list[ThinkReader | None]:
+        """Reasoning readers for a chat's choices (none for plain prompts, and none when a grammar
+        decides the whole output: it leaves no room to think)."""
+        parser = self.settings.reasoning_parser
+        if not parser or not chat or params.structure is not None:
+            return [None] * params.n
+        tail = self.engine.decode(prompt_ids[-8:]) if parser == "qwen3" else ""
+        return [thinker_for(parser, tail) for _ in range(params.n)]
+
     async def stream(
         self,
         prompt_ids: list[int],
@@ -153,15 +171,23 @@ class WorkerService:
         echo_text: str | None,
         tracker: RequestTracker,
         tools: ToolSpec | None = None,
+        chat: bool = False,
+        *,
+        priority: int = 0,
+        report_prompt: bool = False,
     ) -> AsyncIterator[bytes]:
-        """NDJSON events for all `n` choices, then the usage line; errors become an error line."""
-        completion_tokens = 0
+        """NDJSON events for all `n` choices, then the usage line; errors become an error line.  With
+        `report_prompt`, the prompt's token count goes first, before the request waits for a slot."""
+        if report_prompt:
+            yield line({"prompt_tokens": len(prompt_ids)})
+        completion_tokens = reasoning_tokens = 0
         self.served += 1
         readers = self.readers(tools, params.n)
+        thinkers = self.thinkers(prompt_ids, params, chat)
         # echo text goes first; with prompt logprobs it waits for them (they come with the first chunk)
         echo_waiting = set(range(params.n)) if echo_text is not None and params.prompt_logprobs is not None else set()
         try:
-            async with self.admission.slot():
+            async with self.admission.slot(priority):
                 if echo_text is not None and not echo_waiting:
                     for i in range(params.n):
                         yield line({"index": i, "text": echo_text, "tokens": 0})
@@ -174,9 +200,15 @@ class WorkerService:
                         tracker.first_token()
                         completion_tokens += chunk.tokens
                         self.generated_tokens += chunk.tokens
-                        yield line(text_event(index, chunk, readers[index]))
+                        thinker = thinkers[index]
+                        event = text_event(index, chunk, readers[index], thinker)
+                        if thinker is not None and (thinker.thinking or ("reasoning" in event and not event["text"])):
+                            reasoning_tokens += chunk.tokens  # still thinking, or the chunk that ended it
+                        yield line(event)
             tracker.usage(len(prompt_ids), completion_tokens)
             usage: UsageEvent = {"usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens}}
+            if any(thinkers):
+                usage["usage"]["reasoning_tokens"] = reasoning_tokens
             yield line(usage)
         except LLMStackError as exc:
             tracker.failed(exc.status_code)

@@ -13,6 +13,7 @@ Readers turn text deltas into (content, tool-call deltas) in OpenAI's streaming 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -105,8 +106,14 @@ class NamedCallReader(ToolCallReader):
         return "", deltas, self._reason(reason)
 
 
+_PARTIAL_NAME = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)(")?')
+_ARGUMENTS_KEY = re.compile(r'\s*,\s*"arguments"\s*:\s*')
+
+
 class RequiredCallsReader(ToolCallReader):
-    """The output is a JSON array of calls (forced by the grammar): read it whole at the end."""
+    """The output is a JSON array of calls (forced by the grammar): read it whole at the end.  When
+    `max_tokens` cut it off, the complete calls and the cut one (its arguments as far as they got) are
+    still calls, never content: the client forced a call."""
 
     def __init__(self, spec: ToolSpec) -> None:
         super().__init__(spec)
@@ -120,12 +127,49 @@ class RequiredCallsReader(ToolCallReader):
         try:
             items = json.loads(self.text)
         except ValueError:
-            return self.text, [], reason  # cut off by max_tokens: hand back what there is
-        calls = [c for c in (_as_call(item, self.names) for item in items) if c] if isinstance(items, list) else []
+            calls = self._cut_off()
+        else:
+            calls = [c for c in (_as_call(i, self.names) for i in items) if c] if isinstance(items, list) else []
         if not calls:
             return self.text, [], reason
         self.calls = len(calls)
         return "", [_delta(i, name, args) for i, (name, args) in enumerate(calls)], self._reason(reason)
+
+    def _cut_off(self) -> list[tuple[str, str]]:
+        """The calls of an array that ends early: the whole ones, then the one cut off."""
+        decoder = json.JSONDecoder()
+        text = self.text.lstrip()
+        if not text.startswith("["):
+            return []
+        pos, calls = 1, []
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            try:
+                item, end = decoder.raw_decode(text, pos)
+            except ValueError:
+                break
+            call = _as_call(item, self.names)
+            if call is not None:
+                calls.append(call)
+            pos = end
+        if calls and not text[pos:].strip():  # cut between two calls
+            return calls
+        return [*calls, self._cut_call(text[pos:])]
+
+    def _cut_call(self, rest: str) -> tuple[str, str]:
+        match = _PARTIAL_NAME.match(rest)
+        partial = match.group(1) if match else ""
+        names = tool_names(self.spec)
+        if match and match.group(2) and partial in self.names:
+            name = partial
+        else:  # even the name was cut off: the first tool it can still be
+            name = next((n for n in names if n.startswith(partial)), names[0])
+        arguments = ""
+        if match and match.group(2):
+            key = _ARGUMENTS_KEY.match(rest, match.end())
+            arguments = rest[key.end() :] if key else ""
+        return name, arguments
 
 
 class HermesReader(ToolCallReader):

@@ -16,6 +16,7 @@ class DownloadFailure(enum.StrEnum):
     ACCESS_DENIED = "access_denied"  # gated or private model, no/insufficient token
     INCOMPLETE = "incomplete"  # a cached or downloaded snapshot is missing files
     FAILED = "failed"  # anything else the hub library raised
+    NOT_INSTALLED = "not_installed"  # a pypi: model whose package is missing (stack/packaged.py)
 
 
 class DownloadError(Exception):

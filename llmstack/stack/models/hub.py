@@ -54,5 +54,9 @@ class Hub(abc.ABC):
         """Fetch what is missing into the cache; the library's errors become `DownloadError`s."""
 
     @abc.abstractmethod
+    def list_files(self, model: str, revision: str | None, endpoints: tuple[str, ...]) -> list[str]:
+        """The repository's file paths, asked of the hub (to pick one GGUF file before downloading it)."""
+
+    @abc.abstractmethod
     def cache_location(self, model: str, revision: str | None) -> tuple[Path, Path]:
         """(cache root, where this model's snapshot belongs), for messages."""

@@ -88,6 +88,20 @@ class HuggingFaceHub(Hub):
         except Exception as exc:
             raise failed_error(self, model, exc) from exc
 
+    def list_files(self, model: str, revision: str | None, endpoints: tuple[str, ...]) -> list[str]:
+        from huggingface_hub import HfApi, errors
+
+        try:
+            return list(HfApi(endpoint=endpoints[0]).list_repo_files(model, revision=revision))
+        except errors.GatedRepoError as exc:
+            raise access_denied_error(self, model, str(exc)) from exc
+        except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as exc:
+            raise not_found_error(self, model, revision, endpoints, str(exc)) from exc
+        except errors.HFValidationError as exc:
+            raise invalid_id_error(self, model, f"valid Hugging Face repo id ({exc})") from exc
+        except Exception as exc:
+            raise unreachable_error(self, model, revision, endpoints, f"{type(exc).__name__}: {exc}") from exc
+
     def cache_location(self, model: str, revision: str | None) -> tuple[Path, Path]:
         if self.cache_dir is not None:
             root = self.cache_dir

@@ -1,5 +1,6 @@
-"""Local model directories: used as they are, after checking they look like a model (a half-finished
-download or a missing weight shard is caught here, for local paths and for hub snapshots alike)."""
+"""Local model directories and GGUF files: used as they are, after checking they look like a model (a
+half-finished download or a missing weight shard is caught here, for local paths and for hub snapshots
+alike; a GGUF file must have a readable GGUF header)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import re
 from pathlib import Path
 
+from llmstack.services.engines.gguf.files import is_gguf_path
+from llmstack.services.engines.gguf.header import GGUFError, is_gguf_file, read_header
 from llmstack.stack.models.errors import DownloadError, DownloadFailure
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -15,7 +18,7 @@ _PART_FILE = re.compile(r"\.\w+_\d+_\d+$")  # modelscope-hub's ranged-download p
 
 
 def looks_local(model: str) -> bool:
-    if model.startswith(("/", "./", "../", "~")) or model in (".", ".."):
+    if model.startswith(("/", "./", "../", "~")) or model in (".", "..") or is_gguf_path(model):
         return True
     return Path(model).is_dir()
 
@@ -30,9 +33,15 @@ def resolve_local(model: str) -> Path:
             model=model,
         )
     if not path.is_dir():
+        if is_gguf_path(path) or is_gguf_file(path):  # a GGUF model is one file
+            try:
+                read_header(path)
+            except GGUFError as exc:
+                raise DownloadError(str(exc), reason=DownloadFailure.LOCAL_PATH, model=model) from exc
+            return path
         raise DownloadError(
-            f"Local model path {path} is a file; point it at the model's directory (the folder holding "
-            "config.json and the weights).",
+            f"Local model path {path} is a file but not a GGUF model file; point it at the model's directory "
+            "(the folder holding config.json and the weights) or at a .gguf file.",
             reason=DownloadFailure.LOCAL_PATH,
             model=model,
         )

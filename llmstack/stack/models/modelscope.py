@@ -139,6 +139,16 @@ class ModelScopeHub(Hub):
         except Exception as exc:
             raise self._error(model, revision, endpoints, exc) from exc
 
+    def list_files(self, model: str, revision: str | None, endpoints: tuple[str, ...]) -> list[str]:
+        from modelscope.hub.api import HubApi
+
+        endpoint = endpoints[0] if endpoints != MODELSCOPE_DEFAULT_ENDPOINTS else None
+        try:
+            files = HubApi(endpoint=endpoint).get_model_files(model, revision=revision, recursive=True)
+        except Exception as exc:
+            raise self._error(model, revision, endpoints, exc) from exc
+        return [str(f["Path"]) for f in files if f.get("Path")]
+
     def cache_location(self, model: str, revision: str | None) -> tuple[Path, Path]:
         return self.root, modelscope_cache_path(model, self.root, revision)
 

@@ -20,12 +20,15 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from llmstack.stack.models.errors import DownloadError, DownloadFailure
+from llmstack.stack.models.gguf import resolve_gguf
 from llmstack.stack.models.hub import Hub, Source
 from llmstack.stack.models.huggingface import HuggingFaceHub
 from llmstack.stack.models.local import check_model_dir, looks_local, resolve_local
 from llmstack.stack.models.modelscope import ModelScopeHub
 from llmstack.stack.models.probe import probe_hub
 from llmstack.stack.models.remedies import checked_download, not_cached_error, unreachable_error
+from llmstack.stack.packaged import PackagedModelError, is_packaged, resolve_packaged
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ def resolve_model(
     progress: bool = True,
     refresh: bool = False,
     allow_patterns: Sequence[str] | None = None,
+    gguf_file: str | None = None,
 ) -> Path:
     """Return a local directory holding ``model``, downloading it only when it is not cached.
 
@@ -50,13 +54,24 @@ def resolve_model(
     such as ``Qwen/Qwen2.5-0.5B-Instruct``. ``offline`` never touches the network. ``refresh`` skips the
     cache-first lookup (for ``llmstack pull``: the hub libraries re-check the snapshot and fetch only what
     is missing or changed). ``endpoint`` overrides the hub URL (a mirror). ``allow_patterns`` limits the
-    snapshot to the files matching these globs.
+    snapshot to the files matching these globs. ``gguf_file`` picks one .gguf file of the directory or
+    repository (downloading that file alone) and returns its path; ``pypi:<distribution>`` is a model in an
+    installed Python package (`stack/packaged.py`).
     """
+    if is_packaged(model):
+        try:
+            return resolve_packaged(model)
+        except PackagedModelError as exc:
+            raise DownloadError(str(exc), reason=DownloadFailure.NOT_INSTALLED, model=model) from exc
+    if gguf_file is not None:
+        hub = None if looks_local(model) else _hub(source, cache_dir)
+        return resolve_gguf(
+            hub, model, gguf_file, revision=revision, offline=offline, endpoint=endpoint, progress=progress,
+            refresh=refresh,
+        )  # fmt: skip
     if looks_local(model):
         return resolve_local(model)
-    if source not in HUBS:
-        raise ValueError(f"unknown model source {source!r}; expected 'modelscope' or 'huggingface'")
-    hub = HUBS[source](cache_dir)
+    hub = _hub(source, cache_dir)
     hub.check_id(model)
     offline = offline or hub.forced_offline()
     endpoints = hub.endpoints(endpoint)
@@ -74,6 +89,12 @@ def resolve_model(
     if why is not None:
         raise unreachable_error(hub, model, revision, endpoints, why)
     return checked_download(hub, model, hub.download(model, revision, endpoints, progress, allow_patterns))
+
+
+def _hub(source: str, cache_dir: Path | None) -> Hub:
+    if source not in HUBS:
+        raise ValueError(f"unknown model source {source!r}; expected 'modelscope' or 'huggingface'")
+    return HUBS[source](cache_dir)
 
 
 def hub_endpoints(source: Source, endpoint: str | None = None) -> tuple[str, ...]:

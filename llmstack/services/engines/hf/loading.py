@@ -33,6 +33,7 @@ class HFEngineConfig:
     awq: dict[str, Any] = field(default_factory=dict)  # wbits, groupsize, ckpt
     max_batch_size: int = 32  # sequences decoded together in one forward pass
     max_batch_tokens: int = 16384  # KV-cache positions the batch may hold (rows x padded width)
+    prefix_caching: bool = True  # reuse the cached keys/values of a prompt's already-seen prefix
 
 
 @dataclass
@@ -66,7 +67,11 @@ def _torch_dtype(name: str, device: str) -> Any:
     if name == "auto":
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device == "mps" else torch.float32
+        if device == "mps":
+            return torch.float16
+        from llmstack.services.engines.hardware import this_cpu_dtype
+
+        return getattr(torch, this_cpu_dtype())  # bfloat16 only where the CPU computes it fast
     try:
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
     except KeyError:
@@ -157,6 +162,34 @@ def plan_loading(cfg: HFEngineConfig, model_config: Any, device: str) -> LoadPla
     if max_memory is not None:
         kwargs["max_memory"] = max_memory
     return LoadPlan(device=device, kwargs=kwargs, move_to=move_to)
+
+
+@dataclass
+class Checkpoint:
+    """What transformers loads: `path` (a directory or hub id), and for a GGUF file the names (the file's
+    `general.name`, its architecture) that help guess a chat template for it."""
+
+    path: str
+    hints: tuple[str, ...] = ()
+
+
+def checkpoint_of(cfg: HFEngineConfig, device: str) -> Checkpoint:
+    """A GGUF `model_path` becomes its converted checkpoint in the dtype the model runs in (converted on
+    the first start, see `gguf.convert`); anything else is loaded as it is."""
+    from llmstack.services.engines.gguf.files import is_gguf_path
+
+    if not is_gguf_path(cfg.model_path):
+        return Checkpoint(cfg.model_path)
+    from llmstack.services.engines.gguf.convert import convert_gguf
+    from llmstack.services.engines.gguf.header import GGUFError, read_header
+
+    dtype = _torch_dtype("float32" if cfg.load_8bit and device == "cpu" else cfg.dtype, device)
+    try:
+        header = read_header(cfg.model_path)
+        path = convert_gguf(cfg.model_path, str(dtype).removeprefix("torch."))
+    except GGUFError as exc:
+        raise EngineConfigError(str(exc)) from exc
+    return Checkpoint(str(path), (header.name, header.architecture))
 
 
 def context_length_of(model_config: Any, tokenizer: Any | None = None) -> int:

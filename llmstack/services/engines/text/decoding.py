@@ -53,6 +53,7 @@ class StopStrings:
         self.longest = max((len(s) for s in self.stops), default=0)
         self.text = ""
         self.emitted = 0
+        self.matched: str | None = None  # the stop string that was reached
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Returns (text safe to emit now, whether a stop string was reached)."""
@@ -65,6 +66,7 @@ class StopStrings:
             idx = self.text.find(stop, start)
             if idx != -1 and (hit == -1 or idx < hit):
                 hit = idx
+                self.matched = stop
         if hit != -1:
             out = self.text[self.emitted : hit]
             self.emitted = len(self.text)

