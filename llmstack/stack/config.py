@@ -200,7 +200,7 @@ class APISection(_Section):
             "--sync-interval", str(self.sync_interval), "--request-timeout", str(self.request_timeout),
             "--stream-timeout", str(self.stream_timeout),
             "--response-retention", str(self.response_retention),
-            "--response-max-age-days", str(self.response_max_age_days),
+            "--response-max-age-days", str(self.response_max_age_days), "--load-wait", str(self.load_wait),
             *self.ssl.args(),
         ]  # fmt: skip
 

@@ -21,6 +21,7 @@ import collections
 import enum
 import queue
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -140,6 +141,7 @@ class Lifecycle:
         self._next_poll = 0.0
         self._written: str | None = None
         self.admin: AdminServer | None = None
+        self.probe: Callable[[_Slot], dict | None] = self._health_body  # a worker's /health body (injectable)
         for m in self.models.values():
             if m.plan.load == "always":
                 m.state, m.spawned = LoadState.LOADING, True
@@ -266,9 +268,12 @@ class Lifecycle:
             return
         assert isinstance(decision, Fits)
         if decision.evict:
+            kept = [f"{h.name}: {h.why_kept()}" for h in holders if h.why_kept() and h.name not in decision.evict]
+            why = f"least recently used idle model, to make room for {m.plan.name}"
+            why += f" (kept: {'; '.join(kept)})" if kept else ""
             for name in decision.evict:
                 victim = self.models[name]
-                self._event(victim, "evict", f"least recently used idle model, to make room for {m.plan.name}")
+                self._event(victim, "evict", why)
                 self._begin_unload(victim, f"evicted for {m.plan.name}", "evict")
             m.message = f"waiting for {', '.join(decision.evict)} to unload"
             return
@@ -409,7 +414,7 @@ class Lifecycle:
             for slot in self._slots(m):
                 if slot.record.state != ServiceState.RUNNING:
                     continue
-                body = self._health_body(slot)
+                body = self.probe(slot)
                 if body is None:
                     continue
                 inflight += int(body.get("queue_length") or 0)
@@ -455,7 +460,7 @@ class Lifecycle:
     def confirm_idle(self, m: _Model) -> bool:
         """A fresh look before evicting: no request in flight on any of its workers."""
         for slot in self._slots(m):
-            body = self._health_body(slot)
+            body = self.probe(slot)
             if body is not None and int(body.get("queue_length") or 0):
                 m.inflight = int(body["queue_length"])
                 return False

@@ -8,7 +8,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import httpx
@@ -17,6 +17,9 @@ import orjson
 from llmstack.common.errors import LLMStackError, ServiceUnavailable, WorkerError
 from llmstack.common.http import REQUEST_ID_HEADER, request_id_var
 from llmstack.services.api.routing import Route, RoutingTable
+
+if TYPE_CHECKING:
+    from llmstack.services.api.catalog import ModelCatalog
 
 _RETRYABLE_STATUS = {429, 502, 503}
 
@@ -79,6 +82,7 @@ class WorkerStream:
         self.max_attempts = max_attempts
         self.stream_timeout = stream_timeout
         self.request_timeout = request_timeout
+        self.catalog: ModelCatalog | None = None  # set: models not loaded yet are loaded first (on demand)
 
     def _headers(self) -> dict[str, str]:
         return {REQUEST_ID_HEADER: request_id_var.get(), **self.router.headers}
@@ -129,6 +133,8 @@ class WorkerStream:
         last_error: LLMStackError | None = None
         headers = self._headers()
         deadline = time.monotonic() + self.request_timeout
+        if self.catalog is not None:
+            await self.catalog.ensure(model, deadline)
         meter = current_meter.get()
         if meter is not None and meter.worker_fields():
             body = {**body, **meter.worker_fields()}
@@ -205,6 +211,8 @@ class WorkerStream:
         tried: set[str] = set()
         last_error: LLMStackError | None = None
         headers = self._headers()
+        if self.catalog is not None:
+            await self.catalog.ensure(model, time.monotonic() + self.request_timeout)
         for _ in range(self.max_attempts):
             try:
                 route: Route = self.router.pick(model, tried)
