@@ -22,6 +22,11 @@ secrets, preflight) -> `stack/models/` (resolve, cache first, then download) -> 
 detached) -> `stack/supervisor.py` (spawn via `children.py`, health-gate, restart, stop in tiers) writing
 `stack/rundir.py` state that `status`, `logs` and `down` read from any shell.
 
+Models at run time: `stack/lifecycle.py` (in the supervisor's loop) loads and unloads workers by `load`,
+`keep_alive`, `pin` and the memory budget (`stack/budget.py`, footprints from `stack/footprint.py`);
+`stack/admin.py` is its HTTP API (`llmstack models`, `cli/models.py`). A request for an on-demand model
+that is not loaded: `services/api/catalog.py` demands it from that API and waits, then routing goes on.
+
 The layer rule
 --------------
 Imports point one way: `cli` -> `stack` -> `services` -> `common`, and `cli` -> `faces` -> `common`.

@@ -151,7 +151,7 @@ def up(
         api_url=cfg.api.url if cfg.api.enabled else None,
         controller_url=cfg.controller.url,
         timings=timings,
-        **runtime_fields(cfg, paths),
+        **runtime_fields(cfg, paths, roles),
     )
     runtime_problems(plan, secrets)
     rd.rotate_logs()

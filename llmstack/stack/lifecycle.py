@@ -540,4 +540,5 @@ class Lifecycle:
         if self.admin is not None:
             self.admin.stop()
             self.admin = None
+            (self.sup.run_dir.root / "admin.json").unlink(missing_ok=True)
         self.client.close()

@@ -437,11 +437,12 @@ def model_plans(cfg: StackConfig, model_paths: list[Path] | None) -> list[ModelP
     return out
 
 
-def runtime_fields(cfg: StackConfig, model_paths: list[Path] | None) -> dict:
-    """The Plan fields for models at run time (`Plan(**runtime_fields(...))`)."""
+def runtime_fields(cfg: StackConfig, model_paths: list[Path] | None, roles: list[str]) -> dict:
+    """The Plan fields for models at run time (`Plan(**runtime_fields(...))`); no models where this machine
+    runs no workers."""
     s = cfg.stack
     return {
-        "models": model_plans(cfg, model_paths),
+        "models": model_plans(cfg, model_paths) if "workers" in roles else [],
         "memory_budget": s.memory_budget,
         "gpu_memory_budget": s.gpu_memory_budget,
         "admin": AdminPlan(host=s.admin_host, port=s.admin_port, key_env=s.admin_key_env),
