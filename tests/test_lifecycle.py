@@ -199,3 +199,53 @@ def test_units() -> None:
             parse_duration(bad)
     with pytest.raises(ValueError):
         parse_size("twelve")
+
+
+def test_config_keys_for_models_at_run_time() -> None:
+    from llmstack.stack.config import ConfigError, parse_config
+
+    cfg = parse_config(
+        {
+            "stack": {"memory_budget": "12GiB", "admin_key_env": "MY_ADMIN_KEY"},
+            "models": [{"model": "x", "load": "on_demand", "keep_alive": "10m", "pin": True, "memory": "1.5GiB"}],
+            "api": {"load_wait": "2m"},
+        }
+    )
+    m = cfg.models[0]
+    assert (m.load, m.keep_alive, m.pin, m.memory) == ("on_demand", 600.0, True, int(1.5 * 2**30))
+    assert cfg.stack.memory_budget == 12 * 2**30 and cfg.api.load_wait == 120.0
+    assert "--load-wait" in cfg.api.args("http://c")
+    with pytest.raises(ConfigError, match=r"models\[0\].*keep_alive applies to load"):
+        parse_config({"models": [{"model": "x", "keep_alive": "10m"}]})
+    with pytest.raises(ConfigError, match=r"models\[0\]\.load"):
+        parse_config({"models": [{"model": "x", "load": "lazy"}]})
+    with pytest.raises(ConfigError, match=r"stack\.memory_budget: .*'lots' is not a size"):
+        parse_config({"stack": {"memory_budget": "lots"}})
+
+
+def test_the_estimate_follows_the_weights_and_the_load_dtype(tiny_model_dir: Path) -> None:
+    from llmstack.stack.config import ModelSection
+    from llmstack.stack.footprint import RUNTIME_BYTES, estimate, weight_files
+
+    on_disk = sum(f.stat().st_size for f in weight_files(tiny_model_dir))
+    fp32 = estimate(tiny_model_dir, ModelSection(model=str(tiny_model_dir), device="cpu", dtype="float32"))
+    bf16 = estimate(tiny_model_dir, ModelSection(model=str(tiny_model_dir), device="cpu", dtype="bfloat16"))
+    int8 = estimate(tiny_model_dir, ModelSection(model=str(tiny_model_dir), device="cpu", load_8bit=True))
+    assert fp32.host_bytes > bf16.host_bytes > int8.host_bytes > RUNTIME_BYTES
+    assert fp32.host_bytes - RUNTIME_BYTES >= on_disk  # float32 is as wide as anything on disk
+    gpu = estimate(tiny_model_dir, ModelSection(model=str(tiny_model_dir), device="cuda", gpus="0,1"))
+    assert set(gpu.gpu_bytes) == {"0", "1"} and gpu.host_bytes == RUNTIME_BYTES
+
+
+def test_the_admin_key_is_generated_once_and_never_a_v1_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmstack.stack.admin import AdminKeyError, admin_key, admin_key_of_env
+
+    key = admin_key(tmp_path, None, {})
+    assert admin_key(tmp_path, None, {}) == key and oct((tmp_path / "admin_key").stat().st_mode & 0o777) == "0o600"
+    assert admin_key(tmp_path, "K", {"K": "from-env"}) == "from-env"
+    with pytest.raises(AdminKeyError, match=r"\$K is not set"):
+        admin_key(tmp_path, "K", {})
+    monkeypatch.setenv("K", "sk-public")
+    with pytest.raises(AdminKeyError, match="also one of the /v1 API keys"):
+        admin_key_of_env("K", {"LLMSTACK_API_KEYS": "sk-public,sk-other"})
+    admin_key_of_env("K", {"LLMSTACK_API_KEYS": "sk-other"})

@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support.procs import free_port
 from tests.support.procs import run_llmstack as llmstack
 from tests.support.runtime_stack import API_KEY, RuntimeStack
 
@@ -28,12 +29,14 @@ MESSAGES = [{"role": "user", "content": "Hello there"}]
 
 
 def _entry(name: str, path: Path, extra: str = "") -> str:
+    """One `[[models]]` entry on a free port (the stacks of this module run side by side)."""
     return f"""
 [[models]]
 model = "{path}"
 source = "local"
 names = ["{name}"]
 device = "cpu"
+port = {free_port()}
 heartbeat_interval = 0.5
 {extra}
 """

@@ -38,10 +38,10 @@ class AdminClient:
                 raise AdminUnavailable(f"no admin key: set {where}") from None
         return cls(info.url, key)
 
-    def _call(self, method: str, path: str, timeout: float | None = None, **params: Any) -> dict[str, Any]:
+    def _call(self, method: str, path: str, http_timeout: float | None = None, **params: Any) -> dict[str, Any]:
         try:
             resp = self.client.request(
-                method, f"{self.url}{path}", headers=self.headers, params=params or None, timeout=timeout
+                method, f"{self.url}{path}", headers=self.headers, params=params or None, timeout=http_timeout
             )
         except httpx.HTTPError as exc:
             raise AdminUnavailable(f"the admin API at {self.url} does not answer ({type(exc).__name__})") from exc
