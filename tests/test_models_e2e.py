@@ -103,6 +103,8 @@ def test_lazy_models_are_listed_unloaded_and_the_stack_is_healthy(lazy: RuntimeS
     assert {m["name"]: m["state"] for m in report["model_states"]} == dict.fromkeys(
         ("lazy", "hand", "broken"), "unloaded"
     )
+    human = llmstack("status", "-c", str(lazy.config))
+    assert human.returncode == 0 and "model states" in human.stdout and "on_demand" in human.stdout
 
 
 def test_eight_first_requests_wait_for_one_worker_then_stream(lazy: RuntimeStack) -> None:
