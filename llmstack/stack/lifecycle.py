@@ -351,8 +351,13 @@ class Lifecycle:
         m.waiters.clear()
 
     def _log_cause(self, service: str) -> str:
-        lines = [ln for ln in self.sup.log_tail(service, 40).splitlines() if ln.strip()]
-        return " | ".join(ln.strip() for ln in lines[-LOG_CAUSE_LINES:])[-600:]
+        """The lines of a failed worker's log that say why: its last error line (a traceback's exception),
+        else its last lines; source quotes and caret markers are left out."""
+        lines = [ln.strip() for ln in self.sup.log_tail(service, 60).splitlines()]
+        lines = [ln for ln in lines if any(c.isalnum() for c in ln) and not ln.startswith("File ")]
+        errors = [ln for ln in lines if "Error" in ln or "error:" in ln.lower() or "Exception" in ln]
+        picked = errors[-LOG_CAUSE_LINES:] if errors else lines[-LOG_CAUSE_LINES:]
+        return " | ".join(picked)[-600:]
 
     # -- unloading ----------------------------------------------------------------------------------------
     def _begin_unload(self, m: _Model, reason: str, action: Literal["unload", "evict"]) -> None:
