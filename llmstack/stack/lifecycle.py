@@ -329,6 +329,7 @@ class Lifecycle:
         m.served, m.inflight, m.wait_until = {}, 0, None
         self._measure(m)
         self._event(m, "loaded", f"in {m.load_seconds:.1f}s")
+        self.snapshot()  # published before the waiters hear of it, so a listing right after agrees
         row = self.row(m)
         for future in m.waiters:
             if not future.done():
@@ -345,6 +346,7 @@ class Lifecycle:
         self.sup.save()
 
     def _fail_waiters(self, m: _Model, error: LLMStackError) -> None:
+        self.snapshot()
         for future in m.waiters:
             if not future.done():
                 future.set_exception(error)
@@ -386,6 +388,7 @@ class Lifecycle:
             slot.child.kill()  # type: ignore[union-attr]
         self._set_unloaded(m)
         self._event(m, "unloaded", "")
+        self.snapshot()
         row = self.row(m)
         for future in m.unload_waiters:
             if not future.done():
