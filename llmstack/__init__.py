@@ -41,6 +41,11 @@ state that `status`, `logs` and `down` read from any shell.  Each worker it spaw
 -> `cli/options.py` (flags -> `WorkerOptions`) -> `services/worker/launch.py` -> `engine_config.py` ->
 `services/engines` `create_engine` -> `services/worker/app.py`.
 
+Models at run time: `stack/lifecycle.py` (in the supervisor's loop) loads and unloads workers by `load`,
+`keep_alive`, `pin` and the memory budget (`stack/budget.py`, footprints from `stack/footprint.py`);
+`stack/admin.py` is its HTTP API (`llmstack models`, `cli/models.py`). A request for an on-demand model
+that is not loaded: `services/api/catalog.py` demands it from that API and waits, then routing goes on.
+
 The layer rule
 --------------
 Imports point one way: `cli` -> `stack` -> `services` -> `common`, and `cli` -> `faces` -> `common`.

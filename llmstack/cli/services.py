@@ -220,6 +220,16 @@ def api(
     response_max_age_days: Annotated[
         float, typer.Option("--response-max-age-days", min=0.0, help="Days a stored response is kept.")
     ] = 30.0,
+    admin_url: Annotated[
+        str | None,
+        typer.Option(
+            "--admin-url",
+            help="The supervisor's admin API, for models that load at run time (default: from --state-dir).",
+        ),
+    ] = None,
+    load_wait: Annotated[
+        float, typer.Option("--load-wait", min=0.1, help="Seconds a request waits for its model to load.")
+    ] = 120.0,
     ssl: SSL = False,
     ssl_certfile: SSLCert = None,
     ssl_keyfile: SSLKey = None,
@@ -265,6 +275,8 @@ def api(
         stream_timeout=stream_timeout,
         response_retention=response_retention,
         response_max_age=response_max_age_days * 86400.0,
+        admin_url=admin_url,
+        load_wait=load_wait,
     )
     try:
         app = build_api_app(settings)

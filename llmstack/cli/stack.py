@@ -44,6 +44,7 @@ from llmstack.stack.plan import (
     policy_of,
     preflight,
     resolve_models,
+    runtime_fields,
     selected_roles,
     stack_secrets,
 )
@@ -150,12 +151,33 @@ def up(
         api_url=cfg.api.url if cfg.api.enabled else None,
         controller_url=cfg.controller.url,
         timings=timings,
+        **runtime_fields(cfg, paths, roles),
     )
+    runtime_problems(plan, secrets)
     rd.rotate_logs()
     rd.write_json(rd.plan_path, plan.model_dump())
     if detach:
         raise typer.Exit(start_detached(rd, plan, secrets))
     raise typer.Exit(run_supervisor(rd, echo=True, secrets=secrets))
+
+
+def runtime_problems(plan: Plan, secrets: dict[str, str]) -> None:
+    """Refuse, before anything starts, models loaded at start that overflow the memory budget, and an admin
+    key that cannot be had or that is also a /v1 key."""
+    from llmstack.stack.admin import AdminKeyError, admin_key_of_env
+    from llmstack.stack.budget import Budget, start_problems
+
+    always = [(m.name, m.memory_bytes or (m.estimate.host_bytes if m.estimate else 0)) for m in plan.models]
+    always = [pair for pair, m in zip(always, plan.models, strict=True) if m.load == "always"]
+    problems = start_problems(always, Budget(plan.memory_budget, plan.gpu_memory_budget))
+    try:
+        admin_key_of_env(plan.admin.key_env, secrets)
+    except AdminKeyError as exc:
+        problems.append(str(exc))
+    for problem in problems:
+        print_error(problem)
+    if problems:
+        raise typer.Exit(EXIT_CONFIG)
 
 
 def down(

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from llmstack.common.net import ALL_INTERFACES, service_url
 from llmstack.services.api.keys.rules import KeyRule, check_unique, flat_rules
 from llmstack.services.worker.options import Port, WorkerOptions, flag_of, off_flag_of
+from llmstack.stack.units import Duration, Size
 
 DEFAULT_CONFIG = "stack.toml"
 FIRST_WORKER_PORT = 21002
@@ -57,6 +58,13 @@ class StackSection(_Section):
     restart_backoff_max: float = Field(30.0, gt=0, description="longest restart delay")
     crash_loop_restarts: int = Field(5, ge=1, description="crashes within crash_loop_window that stop restarts")
     crash_loop_window: float = Field(120.0, gt=0, description="seconds over which crashes are counted")
+    memory_budget: Size | None = Field(None, description='memory the loaded models may use, e.g. "12GiB"')
+    gpu_memory_budget: Size | None = Field(None, description="the same per GPU, for models on cuda")
+    admin_host: str = Field("127.0.0.1", description="the supervisor's admin API (llmstack models)")
+    admin_port: Port | None = Field(None, description="default: a free port, recorded in the run directory")
+    admin_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="variable holding the admin key; default: generated"
+    )
 
     @model_validator(mode="after")
     def _backoff(self) -> StackSection:
@@ -108,11 +116,19 @@ class ModelSection(WorkerOptions):
     port: Port | None = Field(None, description="default: counted up from 21002")  # type: ignore[assignment]
     replicas: int = Field(1, ge=1, le=64)
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for this worker")
+    load: Literal["always", "on_demand", "manual"] = Field(
+        "always", description="always: at start; on_demand: at its first request; manual: by `llmstack models load`"
+    )
+    keep_alive: Duration | None = Field(None, description='unload after this long idle, e.g. "10m"')
+    pin: bool = Field(False, description="never unloaded to make room, nor for being idle")
+    memory: Size | None = Field(None, description="its footprint for the memory budget; default: estimated")
 
     @model_validator(mode="after")
     def _replicas(self) -> ModelSection:
         if self.replicas > 1 and self.port is not None:
             raise ValueError("replicas > 1 cannot share one fixed port; leave port unset")
+        if self.keep_alive is not None and self.load == "always":
+            raise ValueError('keep_alive applies to load = "on_demand" or "manual", not "always"')
         return self
 
     def args(self, model_path: str, port: int, controller_url: str) -> list[str]:
@@ -149,6 +165,7 @@ class APISection(_Section):
     stream_timeout: float = Field(60.0, gt=0, description="longest silence from a worker mid-stream")
     response_retention: int = Field(10_000, ge=1, description="the most stored responses kept (/v1/responses)")
     response_max_age_days: float = Field(30.0, ge=0, description="days a stored response is kept")
+    load_wait: Duration = Field(120.0, gt=0, description="how long a request waits for its model to load")
     ssl: TLS = TLS()
 
     @model_validator(mode="after")
@@ -180,7 +197,7 @@ class APISection(_Section):
             "--sync-interval", str(self.sync_interval), "--request-timeout", str(self.request_timeout),
             "--stream-timeout", str(self.stream_timeout),
             "--response-retention", str(self.response_retention),
-            "--response-max-age-days", str(self.response_max_age_days),
+            "--response-max-age-days", str(self.response_max_age_days), "--load-wait", str(self.load_wait),
             *self.ssl.args(),
         ]  # fmt: skip
 
@@ -237,6 +254,8 @@ class StackConfig(_Section):
             claim(self.api.host, self.api.port, "api")
         if self.webui.enabled:
             claim(self.webui.host, self.webui.port, "webui")
+        if self.stack.admin_port is not None:
+            claim(self.stack.admin_host, self.stack.admin_port, "stack.admin_port")
         for i, m in enumerate(self.models):
             if m.port is not None:
                 claim(m.host, m.port, f"models[{i}]")

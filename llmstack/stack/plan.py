@@ -19,6 +19,7 @@ from llmstack.services.engines.gguf.files import is_gguf_path
 from llmstack.services.engines.gguf.header import read_header
 from llmstack.services.engines.gguf.support import check_servable
 from llmstack.stack.config import DEFAULT_CONFIG, ConfigError, ModelSection, StackConfig
+from llmstack.stack.footprint import Footprint, estimate
 from llmstack.stack.packaged import is_packaged
 from llmstack.stack.rundir import (
     Role,
@@ -58,6 +59,27 @@ class Policy(BaseModel):
     poll_interval: float = 0.2
 
 
+class ModelPlan(BaseModel):
+    """One `[[models]]` entry as the supervisor manages it at run time (its workers are `services`)."""
+
+    name: str
+    names: list[str]
+    services: list[str]
+    load: str = "always"
+    keep_alive: float | None = None
+    pin: bool = False
+    memory_bytes: int | None = Field(None, description="declared footprint; overrides estimate and measurement")
+    estimate: Footprint | None = None
+
+
+class AdminPlan(BaseModel):
+    """The supervisor's admin API: where it listens (port None: any free one) and where its key comes from."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    key_env: str | None = None
+
+
 class Plan(BaseModel):
     """Everything the supervisor needs, written to the run directory (no secrets in it)."""
 
@@ -69,6 +91,10 @@ class Plan(BaseModel):
     api_url: str | None = None
     controller_url: str | None = None
     timings: dict[str, float] = Field(default_factory=dict, description="steps before the supervisor (downloads)")
+    models: list[ModelPlan] = Field(default_factory=list, description="what the supervisor loads and unloads")
+    memory_budget: int | None = None
+    gpu_memory_budget: int | None = None
+    admin: AdminPlan = Field(default_factory=lambda: AdminPlan())
 
 
 class RoleName(enum.StrEnum):
@@ -205,7 +231,9 @@ def build_specs(
         )
     workers = _worker_specs(cfg, model_paths, [*py, "worker"], drain) if "workers" in roles else []
     specs += workers
-    served = list(dict.fromkeys(name for spec in workers for name in spec.models))
+    later = {name for m in cfg.models if m.load != "always" for name in m.served_names}
+    # the API server is ready without the models that load at run time
+    served = list(dict.fromkeys(name for spec in workers for name in spec.models if name not in later))
     if "api" in roles:
         a = cfg.api
         url = service_url(a.host, a.port, bool(a.ssl.certfile))
@@ -382,3 +410,44 @@ def key_warnings(cfg: StackConfig) -> list[str]:
         for glob in rule.models
         if not any(fnmatchcase(name, glob) for name in served)
     ]
+
+
+def model_plans(cfg: StackConfig, model_paths: list[Path] | None) -> list[ModelPlan]:
+    """The run-time view of every `[[models]]` entry: load policy, footprint (estimated from the weights when
+    their paths are known), and the worker services that serve it."""
+    out = []
+    for i, (m, names) in enumerate(zip(cfg.models, worker_service_names(cfg), strict=True)):
+        footprint = None
+        if model_paths is not None:
+            footprint = estimate(model_paths[i], m)
+            footprint = footprint.model_copy(
+                update={
+                    "host_bytes": footprint.host_bytes * m.replicas,
+                    "gpu_bytes": {g: n * m.replicas for g, n in footprint.gpu_bytes.items()},
+                }
+            )
+        out.append(
+            ModelPlan(
+                name=m.served_names[0],
+                names=m.served_names,
+                services=names,
+                load=m.load,
+                keep_alive=m.keep_alive,
+                pin=m.pin,
+                memory_bytes=m.memory * m.replicas if m.memory is not None else None,
+                estimate=footprint,
+            )
+        )
+    return out
+
+
+def runtime_fields(cfg: StackConfig, model_paths: list[Path] | None, roles: list[str]) -> dict:
+    """The Plan fields for models at run time (`Plan(**runtime_fields(...))`); no models where this machine
+    runs no workers."""
+    s = cfg.stack
+    return {
+        "models": model_plans(cfg, model_paths) if "workers" in roles else [],
+        "memory_budget": s.memory_budget,
+        "gpu_memory_budget": s.gpu_memory_budget,
+        "admin": AdminPlan(host=s.admin_host, port=s.admin_port, key_env=s.admin_key_env),
+    }

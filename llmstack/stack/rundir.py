@@ -152,6 +152,7 @@ class ServiceState(enum.StrEnum):
     FAILED = "failed"  # crash loop or start failure: not restarted any more
     STOPPING = "stopping"
     STOPPED = "stopped"
+    UNLOADED = "unloaded"  # a worker whose model is not loaded now (on demand, manual, or unloaded)
 
 
 class ServiceRecord(BaseModel):

@@ -147,8 +147,10 @@ def status_report(cfg: Any, rd: Any, state: RunState) -> dict:
     services = []
     engines: list[tuple[list[str], dict]] = []
     for rec in state.services:
-        alive = bool(rec.proc and rec.proc.alive())
+        alive = bool(rec.proc and rec.proc.alive()) and rec.state != ServiceState.UNLOADED
         ok, detail, engine = _health(rec) if alive else (False, "not running", {})
+        if rec.state == ServiceState.UNLOADED:
+            ok, detail = True, "not loaded"  # its model loads at run time
         if engine:
             engines.append((list(rec.models), engine))
         shown = rec.state.value
@@ -195,7 +197,21 @@ def status_report(cfg: Any, rd: Any, state: RunState) -> dict:
         "services": services,
         "models": models,
         "models_error": models_error,
+        "model_states": model_states(rd.root),
     }
+
+
+def model_states(root: Any) -> list[dict]:
+    """The supervisor's view of each model (loaded, loading, unloaded, failed; memory; last use), as it
+    last wrote it to the run directory."""
+    import json
+    from pathlib import Path
+
+    try:
+        rows = json.loads((Path(root) / "models.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return rows if isinstance(rows, list) else []
 
 
 def status_renderable(report: dict) -> Any:
@@ -246,4 +262,15 @@ def status_renderable(report: dict) -> Any:
         parts.append(m)
     elif report["models_error"]:
         parts.append(Text(f"models: unavailable ({report['models_error']})"))
+    if report.get("model_states"):
+        from llmstack.stack.units import format_size
+
+        st = Table(title="model states", title_justify="left")
+        for col in ("model", "state", "load", "memory", "in flight", "note"):
+            st.add_column(col)
+        for row in report["model_states"]:
+            memory = f"{format_size(row['memory_bytes'])} ({row['memory_source']})" if row.get("memory_bytes") else "-"
+            load = row["load"] + (", pinned" if row.get("pinned") else "")
+            st.add_row(row["name"], row["state"], load, memory, str(row.get("inflight", 0)), row.get("message") or "")
+        parts.append(st)
     return Group(*parts)

@@ -46,6 +46,7 @@ from llmstack.stack.children import (
     spawn_process,
     stop_tiers,
 )
+from llmstack.stack.lifecycle import Lifecycle
 from llmstack.stack.logs import tail_file
 from llmstack.stack.plan import SECRET_ENV, Plan, ServiceSpec
 from llmstack.stack.rundir import RUN_ID_ENV, Phase, ProcRef, Role, RunDir, RunState, ServiceRecord, ServiceState
@@ -121,6 +122,7 @@ class Supervisor:
         self.stop_requested = False
         self.force = False
         self._log: IO[str] | None = None
+        self.lifecycle = Lifecycle(self)  # models at run time: which workers run when
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
     def save(self) -> None:
@@ -186,7 +188,9 @@ class Supervisor:
         t0 = self.clock.now()
         try:
             for role in START_ORDER:
-                slots = [s for s in self.slots.values() if s.spec.role == role]
+                deferred = self.lifecycle.deferred
+                slots = [s for s in self.slots.values() if s.spec.role == role and not deferred(s.spec.name)]
+                # workers of models that load at run time are left to the lifecycle
                 if not slots:
                     continue
                 tier_t0 = self.clock.now()
@@ -206,6 +210,7 @@ class Supervisor:
             self.stop_all(self.policy.drain_timeout if not self.force else 0.0, final_phase=Phase.FAILED)
             return False
         self.state.timings["total"] = round(self.clock.now() - t0, 3)
+        self.lifecycle.started()
         self.state.phase = Phase.READY
         self.state.ready_at = self.clock.wall()
         self.save()
@@ -276,6 +281,7 @@ class Supervisor:
                 changed = True
         if changed:
             self.save()
+        self.lifecycle.tick()
 
     def _on_exit(self, slot: _Slot, code: int, now: float) -> None:
         rec = slot.record
@@ -301,6 +307,7 @@ class Supervisor:
 
     def run(self, on_ready: Callable[[Supervisor], None] | None = None) -> int:
         """Start, then supervise until asked to stop; returns the exit code for `up`."""
+        self.lifecycle.open()  # the admin API; closed by stop_all
         if not self.start():
             return 1
         if on_ready is not None:
@@ -339,6 +346,7 @@ class Supervisor:
                 slot.record.state = ServiceState.STOPPED
         self.state.phase = final_phase
         self.save()
+        self.lifecycle.close()
         self.event("stopped")
 
 

@@ -26,6 +26,7 @@ from llmstack.common.metrics import (
     gauge_collector,
 )
 from llmstack.services.api.bodies import body
+from llmstack.services.api.catalog import ModelCatalog
 from llmstack.services.api.chat import ChatCompletions
 from llmstack.services.api.completions import TextCompletions
 from llmstack.services.api.embeddings import Embeddings
@@ -71,6 +72,8 @@ class APISettings:
     state_dir: Path | None = None
     response_retention: int = DEFAULT_MAX_RESPONSES  # the most stored responses kept
     response_max_age: float = DEFAULT_MAX_AGE  # seconds a stored response is kept
+    admin_url: str | None = None  # the supervisor's admin API (models loaded at run time); default: state_dir's
+    load_wait: float = 120.0  # how long a request waits for its model to load
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -177,6 +180,17 @@ def _lifespan(
             request_timeout=settings.request_timeout,
         )
         store = await _open_store(settings)
+        catalog = ModelCatalog(
+            client,
+            router,
+            admin_url=settings.admin_url,
+            state_dir=settings.state_dir,
+            cluster_token=settings.cluster_token,
+            load_wait=settings.load_wait,
+            sync_interval=settings.sync_interval,
+        )
+        workers.catalog = catalog  # a request for a model not loaded yet waits for its load
+        app.state.catalog = catalog
         app.state.router = router
         app.state.chat = ChatCompletions(workers)
         app.state.completions = TextCompletions(workers)
@@ -185,7 +199,7 @@ def _lifespan(
         app.state.messages = Messages(workers)
         app.state.tokenizer = Tokenizer(workers)
         app.state.keys = KeyService(keys, usage, lambda: router.by_model)
-        tasks = [asyncio.create_task(router.run()), asyncio.create_task(app.state.keys.run())]
+        tasks = [asyncio.create_task(t) for t in (router.run(), app.state.keys.run(), catalog.run())]
         try:
             yield
         finally:
@@ -230,14 +244,18 @@ def _sse(stream: AsyncIterator[bytes]) -> StreamingResponseWithDisconnect:
 def _openai_routes(v1: APIRouter, track: Track) -> None:
     @v1.get("/models")
     async def list_models(request: Request) -> dict:
-        names = request.app.state.keys.visible(request, list(request.app.state.router.models()))
-        return {"object": "list", "data": [_model_card(name) for name in names]}
+        catalog: ModelCatalog = request.app.state.catalog
+        known = sorted({*request.app.state.router.models(), *catalog.names()})
+        names = request.app.state.keys.visible(request, known)
+        return {"object": "list", "data": [_model_card(name, catalog.status(name)) for name in names]}
 
     @v1.get("/models/{model:path}")
     async def get_model(model: str, request: Request) -> dict:
-        if not request.app.state.keys.visible(request, [m for m in request.app.state.router.models() if m == model]):
+        catalog: ModelCatalog = request.app.state.catalog
+        known = [m for m in {*request.app.state.router.models(), *catalog.names()} if m == model]
+        if not request.app.state.keys.visible(request, known):
             raise NotFound(f"The model '{model}' does not exist.", param="model")
-        return _model_card(model)
+        return _model_card(model, catalog.status(model))
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request, req: ChatCompletionRequest = Depends(body(ChatCompletionRequest))):  # noqa: ANN201
@@ -330,5 +348,10 @@ def _service_routes(app: FastAPI, metrics: ServingMetrics) -> None:
 _STARTED = int(time.time())
 
 
-def _model_card(name: str) -> dict:
-    return {"id": name, "object": "model", "created": _STARTED, "owned_by": "llmstack"}
+def _model_card(name: str, status: str | None = None) -> dict:
+    """OpenAI's model object; `status` (loaded, loading, unloaded, unloading, failed) for the stack's own
+    models, whose workers come and go."""
+    card = {"id": name, "object": "model", "created": _STARTED, "owned_by": "llmstack"}
+    if status is not None:
+        card["status"] = status
+    return card

@@ -28,10 +28,13 @@ async def read_json(request: Request) -> Any:
 
 
 def check_model(request: Request, model: Any) -> None:
-    """404 for a model name no worker serves or served (a known model without workers is a 503 later)."""
+    """404 for a model name no worker serves or served and the stack does not declare (a known model without
+    workers is a 503 later; a declared one that is not loaded is loaded first)."""
     router = request.app.state.router
     if isinstance(model, str) and model and model not in router.by_model and model not in router.known_models:
-        raise NotFound(f"The model '{model}' does not exist.", param="model")
+        catalog = getattr(request.app.state, "catalog", None)
+        if catalog is None or catalog.status(model) is None:
+            raise NotFound(f"The model '{model}' does not exist.", param="model")
 
 
 def validate(cls: type[Body], data: Any, at: tuple[str | int, ...] = ()) -> Body:

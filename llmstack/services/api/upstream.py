@@ -8,7 +8,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
 import httpx
@@ -18,6 +18,9 @@ from llmstack.common.errors import LLMStackError, ServiceUnavailable, WorkerErro
 from llmstack.common.http import REQUEST_ID_HEADER, request_id_var
 from llmstack.common.wire import StreamEvent, TextEvent
 from llmstack.services.api.routing import Route, RoutingTable
+
+if TYPE_CHECKING:
+    from llmstack.services.api.catalog import ModelCatalog
 
 _RETRYABLE_STATUS = {429, 502, 503}
 
@@ -80,6 +83,7 @@ class WorkerStream:
         self.max_attempts = max_attempts
         self.stream_timeout = stream_timeout
         self.request_timeout = request_timeout
+        self.catalog: ModelCatalog | None = None  # set: models not loaded yet are loaded first (on demand)
 
     def _pick(self, model: str, tried: set[str], last_error: LLMStackError | None) -> Route:
         """The next worker to try (counted in flight; the caller decrements), or the last attempt's error
@@ -143,6 +147,8 @@ class WorkerStream:
         last_error: LLMStackError | None = None
         headers = self._headers()
         deadline = time.monotonic() + self.request_timeout
+        if self.catalog is not None:
+            await self.catalog.ensure(model, deadline)
         meter = current_meter.get()
         if meter is not None and meter.worker_fields():
             body = {**body, **meter.worker_fields()}
@@ -213,6 +219,8 @@ class WorkerStream:
         tried: set[str] = set()
         last_error: LLMStackError | None = None
         headers = self._headers()
+        if self.catalog is not None:
+            await self.catalog.ensure(model, time.monotonic() + self.request_timeout)
         for _ in range(self.max_attempts):
             route = self._pick(model, tried, last_error)
             try:
