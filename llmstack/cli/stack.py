@@ -47,6 +47,7 @@ from llmstack.stack.plan import (
     selected_roles,
     stack_secrets,
 )
+from llmstack.stack.reconcile import secret_digests
 from llmstack.stack.rundir import (
     RunDir,
     run_dir_for,
@@ -72,6 +73,10 @@ UP_EPILOG = """Examples:
   llmstack up --detach -c examples/two-models.toml
 
   llmstack up --only workers -c examples/remote-worker.toml   # a second machine: just its workers
+
+  llmstack up --dry-run            # on a running stack: what stack.toml's changes would start/restart/stop
+
+  llmstack up                      # on a running stack: apply them (unchanged services keep running)
 """
 
 
@@ -87,9 +92,16 @@ def up(
         bool, typer.Option("--offline", help="Never touch the network: cached or local models only.")
     ] = False,
     run_dir: RunDirOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only print what would start, restart or stop; change nothing.")
+    ] = False,
     foreground_supervisor: Annotated[bool, typer.Option("--foreground-supervisor", hidden=True)] = False,
 ) -> None:
-    """Start the stack: controller, then workers, then the API server, then the web UI, each once healthy."""
+    """Start the stack: controller, then workers, then the API server, then the web UI, each once healthy.
+
+    On a stack that is already running, apply stack.toml as it is now: start what is new, restart only the
+    services whose settings changed (drained first), stop what was removed, leave the rest untouched; the plan
+    is printed first, and `--dry-run` prints only."""
     if foreground_supervisor:
         if run_dir is None:
             fail("--foreground-supervisor needs --run-dir", EXIT_CONFIG)
@@ -103,12 +115,15 @@ def up(
     rd = RunDir(run_dir) if run_dir else RunDir(run_dir_for(cfg))
     live = running_state(rd)
     if live is not None:
-        fail(
-            f"stack {live.stack!r} is already running from {rd.root} (see `llmstack status`); "
-            "stop it first with `llmstack down`",
-            EXIT_ENV,
-        )
+        from llmstack.stack.reconcile_request import reconcile_running
+
+        raise typer.Exit(reconcile_running(cfg, roles, rd, live, dry_run=dry_run, offline=offline))
     specs = build_specs(cfg, roles, None, rd.root)
+    if dry_run:
+        from llmstack.stack.reconcile_request import print_fresh
+
+        print_fresh(cfg.stack.name, specs)
+        raise typer.Exit(EXIT_OK)
     planned = stack_secrets(cfg, rd, roles, generate=False)
     warnings = exposure_warnings(cfg, specs, planned)
     if warnings:  # before any other failure, so they are seen on every attempt
@@ -141,15 +156,17 @@ def up(
             fail(str(exc), EXIT_FAILED)
         timings["resolve_models"] = round(time.monotonic() - t0, 3)
     specs = build_specs(cfg, roles, paths, rd.root)
+    run_id = uuid.uuid4().hex
     plan = Plan(
         stack=cfg.stack.name,
         config_path=str(cfg.source_path) if cfg.source_path else None,
-        run_id=uuid.uuid4().hex,
+        run_id=run_id,
         policy=policy_of(cfg),
         services=specs,
         api_url=cfg.api.url if cfg.api.enabled else None,
         controller_url=cfg.controller.url,
         timings=timings,
+        secret_digests=secret_digests(specs, secrets, run_id),  # lets a later `up` tell a changed key
     )
     rd.rotate_logs()
     rd.write_json(rd.plan_path, plan.model_dump())

@@ -68,6 +68,9 @@ class Plan(BaseModel):
     api_url: str | None = None
     controller_url: str | None = None
     timings: dict[str, float] = Field(default_factory=dict, description="steps before the supervisor (downloads)")
+    secret_digests: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="per service, a keyed hash of each secret it gets (stack/reconcile.py)"
+    )
 
 
 class RoleName(enum.StrEnum):

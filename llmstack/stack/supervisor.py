@@ -118,6 +118,7 @@ class Supervisor:
             self.slots[spec.name] = _Slot(spec, record)
         self.stop_requested = False
         self.force = False
+        self.reconcile_requested = False
         self._log: IO[str] | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
@@ -140,6 +141,15 @@ class Supervisor:
         if self.stop_requested:
             self.force = True
         self.stop_requested = True
+
+    def on_hangup(self, *_: object) -> None:
+        """SIGHUP: apply the new plan `up` left in the run directory; without one, a hangup stops the stack."""
+        from llmstack.stack.reconcile import request_path
+
+        if request_path(self.run_dir).exists():
+            self.reconcile_requested = True
+        else:
+            self.request_stop()
 
     def child_env(self, spec: ServiceSpec) -> dict[str, str]:
         env = {k: v for k, v in self.base_env.items() if k not in SECRET_ENV}
@@ -304,6 +314,11 @@ class Supervisor:
         if on_ready is not None:
             on_ready(self)
         while not self.stop_requested:
+            if self.reconcile_requested:
+                from llmstack.stack.reconcile_apply import apply_pending
+
+                self.reconcile_requested = False
+                apply_pending(self)
             self.tick()
             self._pump()
             self.clock.sleep(self.policy.poll_interval)
@@ -341,9 +356,11 @@ class Supervisor:
 
 
 def install_signal_handlers(sup: Supervisor) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError, OSError):
             signal.signal(sig, sup.request_stop)
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGHUP, sup.on_hangup)
 
 
 def supervisor_argv(run_dir: Path) -> list[str]:
