@@ -20,7 +20,9 @@ streams `Chunk`s -> NDJSON events (`common/wire.py`) -> SSE chunks; the usage is
 `llmstack up`: `cli/stack.py` -> `stack/config.py` (validate) -> `stack/plan.py` (roles, ports, command lines,
 secrets, preflight) -> `stack/models/` (resolve, cache first, then download) -> `stack/control.py` (foreground or
 detached) -> `stack/supervisor.py` (spawn via `children.py`, health-gate, restart, stop in tiers) writing
-`stack/rundir.py` state that `status`, `logs` and `down` read from any shell.
+`stack/rundir.py` state that `status`, `logs` and `down` read from any shell. `up` on a running stack:
+`stack/reconcile_request.py` builds the new plan, `stack/reconcile.py` diffs it against the running one, and a
+SIGHUP has the supervisor apply it (`stack/reconcile_apply.py`: start, drain and restart, stop; the rest untouched).
 
 The layer rule
 --------------

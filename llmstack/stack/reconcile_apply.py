@@ -81,6 +81,7 @@ def apply_plan(sup: Supervisor, plan: Plan, secrets: dict[str, str], result: Rec
     sup.slots = {n: sup.slots[n] for n in order}
     sup.state.services = [sup.slots[n].record for n in order]
     sup.plan = plan
+    sup.state.api_url, sup.state.controller_url = plan.api_url, plan.controller_url
     sup.run_dir.write_json(sup.run_dir.plan_path, plan.model_dump())
     sup.save()
     failures = f"; {len(result.failed)} failed: {', '.join(result.failed)}" if result.failed else ""

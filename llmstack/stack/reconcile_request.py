@@ -168,7 +168,8 @@ def port_problems(running: Plan, starting: list[ServiceSpec], diff: Diff) -> lis
 
 
 def print_diff(diff: Diff, stack: str) -> None:
-    table = Table(title=f"stack {stack!r}: {diff.summary()}", title_justify="left")
+    console.print(f"stack {stack!r}: {diff.summary()}", markup=False)
+    table = Table()
     for col in ("service", "action", "why"):
         table.add_column(col)
     for c in diff.changes:
@@ -193,23 +194,34 @@ def send_and_wait(rd: RunDir, live: RunState, plan: Plan, secrets: dict[str, str
         result_path(rd).unlink(missing_ok=True)
         _write_private(request_path(rd), request.model_dump_json())
         follower = LogFollower({"supervisor": rd.log_path("supervisor")}, from_end=True)
-        live.supervisor.signal(signal.SIGHUP)
-        policy = plan.policy
-        deadline = time.monotonic() + 3 * (policy.start_timeout + policy.drain_timeout) + 60
-        while True:
-            for _, line in follower.poll():
-                console.print("  " + line.split(" supervisor: ", 1)[-1], markup=False, highlight=False)
-            result = _read_result(rd, request.id)
-            if result is not None and result.done:
-                return report(result)
-            if not live.supervisor.alive():
-                request_path(rd).unlink(missing_ok=True)
-                print_error("the supervisor exited while applying the changes; see `llmstack logs supervisor`")
-                return EXIT_FAILED
-            if time.monotonic() > deadline:
-                print_error("no answer from the supervisor; see `llmstack status` and `llmstack logs supervisor`")
-                return EXIT_FAILED
-            time.sleep(0.2)
+        try:
+            live.supervisor.signal(signal.SIGHUP)
+            return _wait(rd, live, plan, request.id, follower)
+        except KeyboardInterrupt:
+            err.print("no longer waiting; the supervisor carries on (see `llmstack status`)", markup=False)
+            return 130
+        finally:
+            request_path(rd).unlink(missing_ok=True)  # never left for a later hangup to apply
+
+
+def _wait(rd: RunDir, live: RunState, plan: Plan, request_id: str, follower: LogFollower) -> int:
+    """Show the supervisor's lines until its result for this request is in; the exit code."""
+    assert live.supervisor is not None
+    policy = plan.policy
+    deadline = time.monotonic() + 3 * (policy.start_timeout + policy.drain_timeout) + 60
+    while True:
+        for _, line in follower.poll():
+            console.print("  " + line.split(" supervisor: ", 1)[-1], markup=False, highlight=False)
+        result = _read_result(rd, request_id)
+        if result is not None and result.done:
+            return report(result)
+        if not live.supervisor.alive():
+            print_error("the supervisor exited while applying the changes; see `llmstack logs supervisor`")
+            return EXIT_FAILED
+        if time.monotonic() > deadline:
+            print_error("no answer from the supervisor; see `llmstack status` and `llmstack logs supervisor`")
+            return EXIT_FAILED
+        time.sleep(0.2)
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -11,6 +11,8 @@ restart schedule, and writes the run state after every change, so other shells s
   service is marked failed, with its last log lines, and left alone.
 - Stop: in tiers (webui+api, then workers, then controller), SIGTERM to each leader so uvicorn drains
   in-flight requests, then SIGKILL to whatever is left of each process tree when the deadline passes.
+- SIGHUP with a new plan in the run directory (`llmstack up` on a running stack): `reconcile_apply.py`
+  applies it between ticks; without one, SIGHUP stops like SIGTERM.
 
 Children run in their own session (process group) and write straight to their log file, so neither a
 Ctrl-C in the terminal nor the death of the supervisor takes them down uncontrolled. The process
