@@ -5,6 +5,8 @@ exactly the changed worker and starts the new one, and the streams finish; remov
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -215,7 +217,8 @@ def test_change_one_model_and_add_one_while_streams_run_on_another(files: Files)
         time.sleep(1.0)
     assert code == 0, out + files.logs()
     assert not streams.failed, streams.failed
-    assert any(t0 < t_up and t1 > t_done for t0, t1 in streams.done), "no stream spanned the whole `up`"
+    for moment in (t_up, (t_up + t_done) / 2, t_done):  # back to back on 3 threads: in flight all along
+        assert any(t0 < moment < t1 for t0, t1 in streams.done), f"no stream in flight {moment - t_up:.1f}s in"
     after = files.pids()
     assert set(after) == {"controller", "worker-model-a", "worker-model-b", "worker-model-c", "api"}
     for kept in ("controller", "worker-model-a", "api"):
@@ -246,3 +249,23 @@ def test_removing_a_model_stops_its_worker(files: Files) -> None:
     assert "model-c" not in {m.id for m in files.client().models.list()}
     again, out = _up(files)  # nothing left to do
     assert again == 0 and "nothing to do" in out and files.pids() == after
+
+
+def test_a_new_model_that_fails_to_start_fails_up_and_the_rest_keeps_serving(files: Files, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(files.model_dir, broken)
+    (broken / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    files.ports["d"] = free_port()
+    before = files.pids()
+    entry_d = files.model("d").replace(str(files.model_dir), str(broken))
+    files.write(files.model("a"), files.model("b", "max_queue = 64"), entry_d)
+    code, out = _up(files)
+    assert code == 1, out
+    flat = " ".join(out.split())
+    assert "worker-model-d: exited with" in flat and "before it was healthy" in flat and "no-such-architecture" in flat
+    assert files.pids() == before  # nothing else was touched
+    _chat(files, "model-a")
+    files.write(files.model("a"), files.model("b", "max_queue = 64"))
+    code, out = _up(files)
+    assert code == 0 and "stopped: worker-model-d" in out, out
+    assert files.pids() == before
