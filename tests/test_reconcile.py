@@ -167,6 +167,7 @@ def test_apply_restarts_changed_starts_new_and_leaves_the_rest_alone(world: Worl
     result = _apply(sup, _plan(_changed()))
     assert result.ok and result.restarted == ["worker-b"] and result.started == ["worker-c"] and not result.stopped
     assert world.events == [("terminate", "worker-b"), ("spawn", "worker-b"), ("spawn", "worker-c")]
+    assert world.spawned_at["worker-b"] == world.spawned_at["worker-c"]  # loading side by side
     for name in ("controller", "worker-a", "api"):
         assert world.children[name].pid == pids[name]
     assert world.children["worker-b"].pid != pids["worker-b"]

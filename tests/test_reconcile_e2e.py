@@ -227,7 +227,8 @@ def test_change_one_model_and_add_one_while_streams_run_on_another(files: Files)
     assert "stack.toml applied" in out and "restarted: worker-model-b" in out and "started: worker-model-c" in out
     _chat(files, "model-c")  # routable as soon as `up` returns
     _chat(files, "model-b")
-    print(f"\nreconcile: {len(streams.done)} streams on model-a completed, 0 failed; up took {t_done - t_up:.1f}s")
+    print("\n" + out)
+    print(f"reconcile: {len(streams.done)} streams on model-a completed, 0 failed; up took {t_done - t_up:.1f}s")
 
 
 def test_removing_a_model_stops_its_worker(files: Files) -> None:

@@ -4,11 +4,11 @@ On SIGHUP with a request in the run directory (`reconcile.ReconcileRequest`), th
 `apply_pending`, which, in this order:
 
 1. stops the services that were removed, drained in stop tiers as `down` drains them;
-2. restarts the changed ones, tier by tier in start order: each is drained first (SIGTERM: a worker leaves the
-   controller and finishes its streams, up to drain_timeout), then started with its new settings and gated on
-   health; replicas of one model restart one at a time, so the model stays served;
-3. starts the new ones, tier by tier, gated on health;
-4. when the API server kept running, waits until it routes every model of the new plan.
+2. tier by tier in start order, restarts the changed ones and starts the new ones: a changed service is drained
+   first (SIGTERM: a worker leaves the controller and finishes its streams, up to drain_timeout), then started
+   with its new settings, together with the tier's new services, all gated on health; replicas of one model
+   restart one at a time, so the model stays served;
+3. when the API server kept running, waits until it routes every model of the new plan.
 
 Services left alone keep their processes. While it waits on health it keeps supervising the others (`tick`).
 A service that fails its gate is stopped and marked failed, the rest of the stack keeps running, and the result
@@ -66,17 +66,17 @@ def apply_plan(sup: Supervisor, plan: Plan, secrets: dict[str, str], result: Rec
     result.stopped = [s.spec.name for s in removed]
     for name in diff.named(Action.KEEP):
         _set_spec(sup.slots[name], specs[name])  # e.g. the API server's expected models
-    restart = set(diff.named(Action.RESTART))
-    start = set(diff.named(Action.START))
+    restart, start = diff.named(Action.RESTART), set(diff.named(Action.START))  # restart: in plan order
     for role in START_ORDER:
-        for wave in _waves([sup.slots[n] for n in restart if sup.slots[n].spec.role == role]):
-            _drain(sup, wave, "settings changed")
-            _launch(sup, [(slot, specs[slot.spec.name]) for slot in wave], result)
-            result.restarted += [s.spec.name for s in wave]
         new = [_new_slot(sup, specs[n]) for n in specs if n in start and specs[n].role == role]
-        _launch(sup, [(slot, slot.spec) for slot in new], result)
+        waves = _waves([sup.slots[n] for n in restart if sup.slots[n].spec.role == role]) or [[]]
+        for i, wave in enumerate(waves):  # the new ones start with the first wave: one load time, not two
+            _drain(sup, wave, "settings changed")
+            fresh = [(slot, slot.spec) for slot in new] if i == 0 else []
+            _launch(sup, [(slot, specs[slot.spec.name]) for slot in wave] + fresh, result)
+            result.restarted += [s.spec.name for s in wave]
         result.started += [s.spec.name for s in new]
-    _await_routes(sup, restart | start, result)
+    _await_routes(sup, set(restart) | start, result)
     order = [s.name for s in plan.services]
     sup.slots = {n: sup.slots[n] for n in order}
     sup.state.services = [sup.slots[n].record for n in order]
