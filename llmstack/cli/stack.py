@@ -36,6 +36,7 @@ from llmstack.stack.packaged import is_packaged
 from llmstack.stack.plan import (
     Plan,
     RoleName,
+    ServiceSpec,
     build_specs,
     exposure_warnings,
     is_local_model,
@@ -92,16 +93,11 @@ def up(
         bool, typer.Option("--offline", help="Never touch the network: cached or local models only.")
     ] = False,
     run_dir: RunDirOpt = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Only print what would start, restart or stop; change nothing.")
-    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only print what would change; do nothing.")] = False,
     foreground_supervisor: Annotated[bool, typer.Option("--foreground-supervisor", hidden=True)] = False,
 ) -> None:
     """Start the stack: controller, then workers, then the API server, then the web UI, each once healthy.
-
-    On a stack that is already running, apply stack.toml as it is now: start what is new, restart only the
-    services whose settings changed (drained first), stop what was removed, leave the rest untouched; the plan
-    is printed first, and `--dry-run` prints only."""
+    On a running stack: start what stack.toml adds, restart what it changes (drained first), stop what it drops."""
     if foreground_supervisor:
         if run_dir is None:
             fail("--foreground-supervisor needs --run-dir", EXIT_CONFIG)
@@ -114,27 +110,12 @@ def up(
         fail(str(exc), EXIT_CONFIG)
     rd = RunDir(run_dir) if run_dir else RunDir(run_dir_for(cfg))
     live = running_state(rd)
-    if live is not None:
+    if live is not None or dry_run:
         from llmstack.stack.reconcile_request import reconcile_running
 
         raise typer.Exit(reconcile_running(cfg, roles, rd, live, dry_run=dry_run, offline=offline))
     specs = build_specs(cfg, roles, None, rd.root)
-    if dry_run:
-        from llmstack.stack.reconcile_request import print_fresh
-
-        print_fresh(cfg.stack.name, specs)
-        raise typer.Exit(EXIT_OK)
-    planned = stack_secrets(cfg, rd, roles, generate=False)
-    warnings = exposure_warnings(cfg, specs, planned)
-    if warnings:  # before any other failure, so they are seen on every attempt
-        err.print(Panel("\n".join(warnings), title="[bold]exposed without protection[/]", border_style="bold red"))
-    for warning in key_warnings(cfg):
-        err.print(f"warning: {warning}", markup=False)
-    if "workers" in roles and not cfg.controller.local and "LLMSTACK_CLUSTER_TOKEN" not in planned:
-        err.print(
-            "note: no cluster token set; if the remote controller requires one, set LLMSTACK_CLUSTER_TOKEN",
-            markup=False,
-        )
+    _print_warnings(cfg, rd, roles, specs)  # before any other failure, so they are seen on every attempt
     problems = preflight(cfg, specs)
     if problems:
         for p in problems:
@@ -173,6 +154,20 @@ def up(
     if detach:
         raise typer.Exit(start_detached(rd, plan, secrets))
     raise typer.Exit(run_supervisor(rd, echo=True, secrets=secrets))
+
+
+def _print_warnings(cfg: StackConfig, rd: RunDir, roles: list[str], specs: list[ServiceSpec]) -> None:
+    planned = stack_secrets(cfg, rd, roles, generate=False)
+    warnings = exposure_warnings(cfg, specs, planned)
+    if warnings:
+        err.print(Panel("\n".join(warnings), title="[bold]exposed without protection[/]", border_style="bold red"))
+    for warning in key_warnings(cfg):
+        err.print(f"warning: {warning}", markup=False)
+    if "workers" in roles and not cfg.controller.local and "LLMSTACK_CLUSTER_TOKEN" not in planned:
+        err.print(
+            "note: no cluster token set; if the remote controller requires one, set LLMSTACK_CLUSTER_TOKEN",
+            markup=False,
+        )
 
 
 def down(

@@ -50,9 +50,13 @@ STYLE = {Action.START: "green", Action.RESTART: "yellow", Action.STOP: "red", Ac
 
 
 def reconcile_running(
-    cfg: StackConfig, roles: list[str], rd: RunDir, live: RunState, *, dry_run: bool, offline: bool
+    cfg: StackConfig, roles: list[str], rd: RunDir, live: RunState | None, *, dry_run: bool, offline: bool
 ) -> int:
-    """Show the changes stack.toml makes to the running stack, apply them unless `dry_run`; the exit code."""
+    """Show the changes stack.toml makes to the running stack, apply them unless `dry_run`; the exit code.
+    Without a running stack (only for `dry_run`): everything would start."""
+    if live is None:
+        print_fresh(cfg.stack.name, build_specs(cfg, roles, None, rd.root))
+        return EXIT_OK
     problem = _not_reconcilable(rd, live)
     if problem:
         print_error(problem)
