@@ -222,3 +222,21 @@ def test_sighup_applies_a_pending_plan_and_otherwise_stops(world: World, tmp_pat
         signal.signal(signal.SIGHUP, previous)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+
+def test_up_only_leaves_the_other_roles_as_they_run(tmp_path: Path) -> None:
+    from llmstack.stack.plan import stack_secrets
+    from llmstack.stack.reconcile_request import new_plan
+
+    rd = RunDir(tmp_path / "run")
+    cfg = parse_config(tomllib.loads(TWO_MODELS))
+    roles = ["controller", "workers", "api"]
+    specs = build_specs(cfg, roles, None, rd.root)
+    running = Plan(
+        stack="t", run_id="r", services=specs, secret_digests=secret_digests(specs, stack_secrets(cfg, rd, roles), "r")
+    )
+    changed = parse_config(tomllib.loads(TWO_MODELS + "[api]\nsync_interval = 0.5\n[controller]\nport = 21100\n"))
+    plan, _ = new_plan(changed, ["api"], rd, running, offline=True, dry_run=True, only=True)
+    diff = diff_plans(running, plan)
+    assert _actions(diff) == {"controller": "keep", "worker-a": "keep", "worker-b": "keep", "api": "restart"}
+    assert "--sync-interval 1.0 -> 0.5" in diff.changes[-1].reasons

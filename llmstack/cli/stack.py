@@ -113,7 +113,7 @@ def up(
     if live is not None or dry_run:
         from llmstack.stack.reconcile_request import reconcile_running
 
-        raise typer.Exit(reconcile_running(cfg, roles, rd, live, dry_run=dry_run, offline=offline))
+        raise typer.Exit(reconcile_running(cfg, roles, rd, live, dry_run=dry_run, offline=offline, only=bool(only)))
     specs = build_specs(cfg, roles, None, rd.root)
     _print_warnings(cfg, rd, roles, specs)  # before any other failure, so they are seen on every attempt
     problems = preflight(cfg, specs)

@@ -244,6 +244,7 @@ class ReconcileRequest(BaseModel):
     id: str
     plan: Plan
     secrets: dict[str, str] = Field(default_factory=dict)
+    merge_secrets: bool = Field(False, description="`up --only`: the secrets of the roles not chosen are kept")
 
 
 class ReconcileResult(BaseModel):

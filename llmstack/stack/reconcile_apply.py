@@ -40,7 +40,8 @@ def apply_pending(sup: Supervisor) -> None:
     result = ReconcileResult(id=request.id)
     rd.write_json(result_path(rd), result.model_dump())  # under way
     try:
-        apply_plan(sup, request.plan, request.secrets, result)
+        secrets = {**sup.secrets, **request.secrets} if request.merge_secrets else request.secrets
+        apply_plan(sup, request.plan, secrets, result)
     except Exception as exc:  # the supervisor must outlive a bug here: the stack keeps running
         result.message = f"{type(exc).__name__}: {exc}"
         sup.event(f"applying stack.toml failed: {result.message}", "ERROR")

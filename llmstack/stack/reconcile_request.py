@@ -44,16 +44,24 @@ from llmstack.stack.reconcile import (
     result_path,
     secret_digests,
 )
-from llmstack.stack.rundir import Phase, RunDir, RunState, ServiceState
+from llmstack.stack.rundir import ROLES, Phase, RunDir, RunState, ServiceState
 
 STYLE = {Action.START: "green", Action.RESTART: "yellow", Action.STOP: "red", Action.KEEP: "dim"}
 
 
 def reconcile_running(
-    cfg: StackConfig, roles: list[str], rd: RunDir, live: RunState | None, *, dry_run: bool, offline: bool
+    cfg: StackConfig,
+    roles: list[str],
+    rd: RunDir,
+    live: RunState | None,
+    *,
+    dry_run: bool,
+    offline: bool,
+    only: bool = False,
 ) -> int:
     """Show the changes stack.toml makes to the running stack, apply them unless `dry_run`; the exit code.
-    Without a running stack (only for `dry_run`): everything would start."""
+    `only`: `roles` came from --only, so services of the other roles are left as they run. Without a running
+    stack (only for `dry_run`): everything would start."""
     if live is None:
         print_fresh(cfg.stack.name, build_specs(cfg, roles, None, rd.root))
         return EXIT_OK
@@ -63,7 +71,7 @@ def reconcile_running(
         return EXIT_ENV
     running = Plan.model_validate_json(rd.plan_path.read_text(encoding="utf-8"))
     try:
-        plan, secrets = new_plan(cfg, roles, rd, running, offline=offline, dry_run=dry_run)
+        plan, secrets = new_plan(cfg, roles, rd, running, offline=offline, dry_run=dry_run, only=only)
     except Exception as exc:  # downloads and GGUF checks, before anything changes
         from llmstack.services.engines.gguf.header import GGUFError
         from llmstack.stack.models import DownloadError
@@ -94,7 +102,7 @@ def reconcile_running(
         err.print(f"warning: {warning}", markup=False)
     for warning in key_warnings(cfg):
         err.print(f"warning: {warning}", markup=False)
-    return send_and_wait(rd, live, plan, secrets)
+    return send_and_wait(rd, live, plan, secrets, merge_secrets=only)
 
 
 def _not_reconcilable(rd: RunDir, live: RunState) -> str | None:
@@ -119,12 +127,18 @@ def _not_reconcilable(rd: RunDir, live: RunState) -> str | None:
 
 
 def new_plan(
-    cfg: StackConfig, roles: list[str], rd: RunDir, running: Plan, *, offline: bool, dry_run: bool
+    cfg: StackConfig, roles: list[str], rd: RunDir, running: Plan, *, offline: bool, dry_run: bool, only: bool = False
 ) -> tuple[Plan, dict[str, str]]:
-    """The plan stack.toml describes now, in the running stack's run (same run id, stable worker ports)."""
+    """The plan stack.toml describes now, in the running stack's run (same run id, stable worker ports); with
+    `only`, the running services of the roles not chosen stay in it as they are."""
     paths = model_paths(cfg, offline=offline, dry_run=dry_run) if "workers" in roles else None
     specs = keep_worker_ports(cfg, build_specs(cfg, roles, paths, rd.root), running)
     secrets = stack_secrets(cfg, rd, roles)  # the running stack has its cluster token already: nothing is written
+    digests = secret_digests(specs, secrets, running.run_id)
+    if only:
+        others = [s for s in running.services if s.role not in roles]
+        specs = sorted([*others, *specs], key=lambda s: ROLES.index(s.role))
+        digests.update({s.name: running.secret_digests.get(s.name, {}) for s in others})
     plan = Plan(
         stack=cfg.stack.name,
         config_path=str(cfg.source_path) if cfg.source_path else None,
@@ -134,7 +148,7 @@ def new_plan(
         api_url=cfg.api.url if cfg.api.enabled else None,
         controller_url=cfg.controller.url,
         timings=running.timings,
-        secret_digests=secret_digests(specs, secrets, running.run_id),
+        secret_digests=digests,
     )
     return plan, secrets
 
@@ -184,7 +198,7 @@ def print_diff(diff: Diff, stack: str) -> None:
         console.print(f"note: {note}", markup=False)
 
 
-def send_and_wait(rd: RunDir, live: RunState, plan: Plan, secrets: dict[str, str]) -> int:
+def send_and_wait(rd: RunDir, live: RunState, plan: Plan, secrets: dict[str, str], *, merge_secrets: bool) -> int:
     """Hand the plan to the supervisor, show its progress, and report the outcome."""
     assert live.supervisor is not None
     lock_file = (rd.root / "reconcile.lock").open("w")
@@ -194,7 +208,7 @@ def send_and_wait(rd: RunDir, live: RunState, plan: Plan, secrets: dict[str, str
         print_error("another `llmstack up` is applying changes to this stack; wait for it to finish")
         return EXIT_ENV
     with lock_file:
-        request = ReconcileRequest(id=uuid.uuid4().hex, plan=plan, secrets=secrets)
+        request = ReconcileRequest(id=uuid.uuid4().hex, plan=plan, secrets=secrets, merge_secrets=merge_secrets)
         result_path(rd).unlink(missing_ok=True)
         _write_private(request_path(rd), request.model_dump_json())
         follower = LogFollower({"supervisor": rd.log_path("supervisor")}, from_end=True)
