@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llmstack.stack.config import parse_config
-from llmstack.stack.plan import Plan, Policy, ServiceSpec, build_specs
+from llmstack.stack.plan import Plan, Policy, ServiceSpec, build_specs, secret_digests
 from llmstack.stack.reconcile import (
     ReconcileRequest,
     ReconcileResult,
@@ -20,7 +20,6 @@ from llmstack.stack.reconcile import (
     keep_worker_ports,
     request_path,
     result_path,
-    secret_digests,
 )
 from llmstack.stack.reconcile_apply import apply_pending
 from llmstack.stack.rundir import RunDir, ServiceState

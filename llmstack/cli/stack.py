@@ -34,21 +34,19 @@ from llmstack.stack.logs import LogFollower, PrefixPrinter, merge_logs, tail_fil
 from llmstack.stack.modelinfo import model_lines
 from llmstack.stack.packaged import is_packaged
 from llmstack.stack.plan import (
-    Plan,
     RoleName,
     ServiceSpec,
+    build_plan,
     build_specs,
     exposure_warnings,
     is_local_model,
     key_warnings,
     masked_config,
-    policy_of,
     preflight,
     resolve_models,
     selected_roles,
     stack_secrets,
 )
-from llmstack.stack.reconcile import secret_digests
 from llmstack.stack.rundir import (
     RunDir,
     run_dir_for,
@@ -137,18 +135,7 @@ def up(
             fail(str(exc), EXIT_FAILED)
         timings["resolve_models"] = round(time.monotonic() - t0, 3)
     specs = build_specs(cfg, roles, paths, rd.root)
-    run_id = uuid.uuid4().hex
-    plan = Plan(
-        stack=cfg.stack.name,
-        config_path=str(cfg.source_path) if cfg.source_path else None,
-        run_id=run_id,
-        policy=policy_of(cfg),
-        services=specs,
-        api_url=cfg.api.url if cfg.api.enabled else None,
-        controller_url=cfg.controller.url,
-        timings=timings,
-        secret_digests=secret_digests(specs, secrets, run_id),  # lets a later `up` tell a changed key
-    )
+    plan = build_plan(cfg, specs, secrets, run_id=uuid.uuid4().hex, timings=timings)
     rd.rotate_logs()
     rd.write_json(rd.plan_path, plan.model_dump())
     if detach:

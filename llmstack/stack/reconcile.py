@@ -17,8 +17,6 @@ How a change is applied lives in `reconcile_apply.py` (the supervisor's side) an
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,18 +68,6 @@ class Diff:
             f"{counts[Action.START]} to start, {counts[Action.RESTART]} to restart, "
             f"{counts[Action.STOP]} to stop, {counts[Action.KEEP]} unchanged"
         )
-
-
-def secret_digests(specs: list[ServiceSpec], secrets: dict[str, str], salt: str) -> dict[str, dict[str, str]]:
-    """Per service, a keyed hash of each secret it is given: enough to tell a changed key from the same one
-    without writing any key to disk."""
-    out: dict[str, dict[str, str]] = {}
-    for spec in specs:
-        given = {n: secrets[n] for n in spec.secret_env if secrets.get(n)}
-        out[spec.name] = {
-            n: hmac.new(salt.encode(), v.encode(), hashlib.sha256).hexdigest()[:32] for n, v in sorted(given.items())
-        }
-    return out
 
 
 def _options(argv: list[str]) -> dict[str, str | None]:

@@ -24,10 +24,10 @@ from llmstack.stack.logs import LogFollower
 from llmstack.stack.plan import (
     Plan,
     ServiceSpec,
+    build_plan,
     build_specs,
     exposure_warnings,
     key_warnings,
-    policy_of,
     resolve_entry,
     resolve_models,
     stack_secrets,
@@ -42,7 +42,6 @@ from llmstack.stack.reconcile import (
     keep_worker_ports,
     request_path,
     result_path,
-    secret_digests,
 )
 from llmstack.stack.rundir import ROLES, Phase, RunDir, RunState, ServiceState
 
@@ -134,22 +133,12 @@ def new_plan(
     paths = model_paths(cfg, offline=offline, dry_run=dry_run) if "workers" in roles else None
     specs = keep_worker_ports(cfg, build_specs(cfg, roles, paths, rd.root), running)
     secrets = stack_secrets(cfg, rd, roles)  # the running stack has its cluster token already: nothing is written
-    digests = secret_digests(specs, secrets, running.run_id)
     if only:
         others = [s for s in running.services if s.role not in roles]
         specs = sorted([*others, *specs], key=lambda s: ROLES.index(s.role))
-        digests.update({s.name: running.secret_digests.get(s.name, {}) for s in others})
-    plan = Plan(
-        stack=cfg.stack.name,
-        config_path=str(cfg.source_path) if cfg.source_path else None,
-        run_id=running.run_id,
-        policy=policy_of(cfg),
-        services=specs,
-        api_url=cfg.api.url if cfg.api.enabled else None,
-        controller_url=cfg.controller.url,
-        timings=running.timings,
-        secret_digests=digests,
-    )
+    plan = build_plan(cfg, specs, secrets, run_id=running.run_id, timings=running.timings)
+    if only:  # their secrets are the supervisor's, not this shell's
+        plan.secret_digests.update({s.name: running.secret_digests.get(s.name, {}) for s in others})
     return plan, secrets
 
 
