@@ -182,7 +182,7 @@ ANTHROPIC_CASES: list[tuple[str, Any, int, str]] = [
 ]  # fmt: skip
 
 
-def _send(client: httpx.Client, method: str, path: str, body: Any, headers: dict[str, str] | None = None):  # noqa: ANN202
+def _send(client: httpx.Client, method: str, path: str, body: Any, headers: dict[str, str] | None = None):
     if isinstance(body, bytes):
         return client.request(
             method, path, content=body, headers={"content-type": "application/json", **(headers or {})}
@@ -199,7 +199,7 @@ def api(stack: Stack) -> Iterator[httpx.Client]:
 @pytest.mark.parametrize(
     ("name", "method", "path", "body", "status", "param", "code"), CASES, ids=[c[0] for c in CASES]
 )
-def test_bad_request(api: httpx.Client, openapi_validate, name, method, path, body, status, param, code) -> None:  # noqa: ANN001
+def test_bad_request(api: httpx.Client, openapi_validate, name, method, path, body, status, param, code) -> None:
     resp = _send(api, method, path, body)
     assert resp.status_code == status, resp.text
     payload = resp.json()
@@ -277,7 +277,7 @@ def keyed_api(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         ({"x-api-key": "sk-beta"}, 200),  # Anthropic's clients send their key so; the same keys
     ],
 )
-def test_api_keys(keyed_api: str, openapi_validate, headers: dict[str, str], status: int) -> None:  # noqa: ANN001
+def test_api_keys(keyed_api: str, openapi_validate, headers: dict[str, str], status: int) -> None:
     resp = httpx.get(f"{keyed_api}/v1/models", headers=headers)
     assert resp.status_code == status, resp.text
     if status == 401:

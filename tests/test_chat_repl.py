@@ -245,7 +245,7 @@ def test_readable_errors_when_the_server_is_down_or_refuses(stack: Stack, tmp_pa
 
 # -- pieces without a terminal ----------------------------------------------------------------------------
 def test_multiline_reading() -> None:
-    def feed(*lines: str):  # noqa: ANN202
+    def feed(*lines: str):
         it = iter(lines)
         return lambda prompt: next(it)
 

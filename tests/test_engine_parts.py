@@ -108,7 +108,7 @@ GPTQ = SimpleNamespace(quantization_config={"quant_method": "gptq", "bits": 4, "
         (_config(dtype="float64"), PLAIN, "cpu", "choose auto"),
     ],
 )
-def test_impossible_loading_options_fail_clearly(cfg, model_config, device, message) -> None:  # noqa: ANN001
+def test_impossible_loading_options_fail_clearly(cfg, model_config, device, message) -> None:
     with pytest.raises(EngineConfigError, match=message):
         plan_loading(cfg, model_config, device)
 

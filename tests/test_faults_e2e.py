@@ -191,7 +191,7 @@ def test_frozen_worker_mid_stream_ends_with_an_error_event(stack: Stack) -> None
 
 
 @pytest.mark.slow
-def test_overload_is_429_with_retry_after(stack: Stack, openapi_validate) -> None:  # noqa: ANN001
+def test_overload_is_429_with_retry_after(stack: Stack, openapi_validate) -> None:
     hog = Background(stack.api_url, model="tiny-narrow")
     hog.wait_first_token()
     with httpx.Client(timeout=30) as client:
@@ -207,7 +207,7 @@ def test_overload_is_429_with_retry_after(stack: Stack, openapi_validate) -> Non
 
 
 @pytest.mark.slow
-def test_request_timeout_is_enforced(stack: Stack, openapi_validate, tmp_path: Path) -> None:  # noqa: ANN001
+def test_request_timeout_is_enforced(stack: Stack, openapi_validate, tmp_path: Path) -> None:
     from tests.support.procs import free_port
 
     port = free_port()

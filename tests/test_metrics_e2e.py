@@ -75,7 +75,7 @@ def _traffic(stack: Stack) -> dict[str, int]:
     return {"prompt": prompt_tokens, "completion": 6 * 4, "chat_prompt": chat_prompt}
 
 
-def _check(api_before, api_after, worker_before, worker_after, tokens: dict[str, int]) -> None:  # noqa: ANN001
+def _check(api_before, api_after, worker_before, worker_after, tokens: dict[str, int]) -> None:
     chat, comp = "/v1/chat/completions", "/v1/completions"
     d = lambda name, **kw: delta(api_after, api_before, name, **kw)  # noqa: E731
     assert d("llmstack_api_requests_total", model="tiny", endpoint=chat, status="200") == 5

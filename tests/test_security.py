@@ -18,7 +18,7 @@ from llmstack.common.errors import Overloaded, ServiceUnavailable
 from llmstack.common.wire import WorkerEntry, WorkerRegistration, WorkerStatus, WorkerTable
 from llmstack.services.api.routing import RoutingTable
 from llmstack.services.controller import ControllerSettings, build_controller_app
-from llmstack.services.worker.app import Admission
+from llmstack.services.worker.admission import Admission
 from tests.support.procs import Service, free_port
 
 TOKEN = "cluster-s3cret"
@@ -217,3 +217,21 @@ def test_in_flight_counts_survive_table_syncs() -> None:
     router.apply(table(entry(A, "a"), entry(B, "b")))
     route.inflight -= 1
     assert [r.inflight for r in router.routes.values()] == [0, 0]
+
+
+def test_a_refused_routing_sync_is_a_warning_naming_the_token_once(caplog: pytest.LogCaptureFixture) -> None:
+    answers = iter([401, 401, 200, 401])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        status = next(answers)
+        body = table(entry(A, "a")).model_dump(mode="json") if status == 200 else {"error": {"message": "no"}}
+        return httpx.Response(status, json=body)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    router = RoutingTable("http://controller", client)
+    with caplog.at_level("INFO", logger="llmstack.api.routing"):
+        assert [asyncio.run(router.sync_once()) for _ in range(4)] == [False, False, True, False]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2  # once per failure, not per sync; again after it had recovered
+    assert "HTTP 401" in warnings[0] and "--cluster-token" in warnings[0]
+    assert any("works again" in r.getMessage() for r in caplog.records if r.levelname == "INFO")

@@ -27,7 +27,7 @@ def client(target: Target) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(target: Target):  # noqa: ANN201
+def tokenizer(target: Target):
     return target.ref.tokenizer
 
 
@@ -45,7 +45,7 @@ def target(stack: Stack, tiny_model_dir: Path) -> Target:
     return new_target(stack.base_url, "tiny", tiny_model_dir, 2048)
 
 
-def test_chat_usage_is_exact(target: Target, openapi_validate) -> None:  # noqa: ANN001
+def test_chat_usage_is_exact(target: Target, openapi_validate) -> None:
     r = target.client.chat.completions.create(
         model=target.model, messages=MESSAGES, max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
     )
@@ -59,7 +59,7 @@ def test_chat_usage_is_exact(target: Target, openapi_validate) -> None:  # noqa:
     openapi_validate("CreateChatCompletionResponse", raw)
 
 
-def test_stream_joined_equals_non_stream(target: Target, openapi_validate) -> None:  # noqa: ANN001
+def test_stream_joined_equals_non_stream(target: Target, openapi_validate) -> None:
     kwargs = dict(model=target.model, messages=MESSAGES, max_tokens=40, temperature=0, seed=7)
     whole = target.client.chat.completions.create(**kwargs)
     pieces, usage, finish = [], None, None
@@ -149,7 +149,7 @@ def test_stop_token_ids_penalties_and_max_completion_tokens(target: Target) -> N
     assert repeated.choices[0].message.content != plain
 
 
-def test_completions_batch_echo_and_stream(target: Target, openapi_validate) -> None:  # noqa: ANN001
+def test_completions_batch_echo_and_stream(target: Target, openapi_validate) -> None:
     client, model = target.client, target.model
     r = client.completions.create(model=model, prompt=["The cat", "北京"], max_tokens=6, n=2, seed=3, temperature=0.8)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]

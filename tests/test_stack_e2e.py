@@ -19,7 +19,7 @@ import openai
 import psutil
 import pytest
 
-from llmstack.common.http import check_port_free
+from llmstack.common.net import check_port_free
 from llmstack.stack.models import modelscope_cache_path
 from llmstack.stack.rundir import RunDir, RunState, ServiceState, kill_all, marked_processes
 from tests.support.procs import DEFAULT_ENV, REPO_ROOT, free_port
@@ -153,7 +153,7 @@ def chat_eventually(files: StackFiles, timeout: float = 60) -> None:
     wait_for(attempt, timeout, "a successful chat completion", files)
 
 
-def _worker(state: RunState):  # noqa: ANN202
+def _worker(state: RunState):
     return next(s for s in state.services if s.role == "workers")
 
 

@@ -22,7 +22,7 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return d / "cert.pem", d / "key.pem"
 
 
-def test_controller_and_api_over_https(services, cert: tuple[Path, Path]) -> None:  # noqa: ANN001
+def test_controller_and_api_over_https(services, cert: tuple[Path, Path]) -> None:
     certfile, keyfile = cert
     cport, aport = free_port(), free_port()
     env = {"LLMSTACK_SSL_CERTFILE": str(certfile), "LLMSTACK_SSL_KEYFILE": str(keyfile)}
@@ -49,7 +49,7 @@ def test_controller_and_api_over_https(services, cert: tuple[Path, Path]) -> Non
         httpx.get(f"http://127.0.0.1:{cport}/health", timeout=3)  # plain HTTP is not served
 
 
-def test_ssl_without_files_fails_clearly(services) -> None:  # noqa: ANN001
+def test_ssl_without_files_fails_clearly(services) -> None:
     svc = services.start("controller", "controller", "--port", free_port(), "--ssl", env={"SSL_CERTFILE": ""})
     assert svc.wait(30) == 2
     assert "--ssl needs a certificate and a key" in svc.log_text()

@@ -38,7 +38,7 @@ def caller(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[o
         del stack.workers["worker-tool-caller"]
 
 
-def ask(client: openai.OpenAI, messages: list[dict], **kwargs: object):  # noqa: ANN201
+def ask(client: openai.OpenAI, messages: list[dict], **kwargs: object):
     return client.chat.completions.create(
         model=MODEL, messages=messages, tools=TOOLS, temperature=0, max_tokens=120, **kwargs
     )

@@ -23,7 +23,7 @@ def spec(choice: str = "auto", name: str | None = None, parallel: bool = True) -
     return ToolSpec(tools=TOOLS, choice=choice, name=name, parallel=parallel)  # type: ignore[arg-type]
 
 
-def run(reader, text: str, step: int, reason: str = "stop"):  # noqa: ANN001, ANN201
+def run(reader, text: str, step: int, reason: str = "stop"):
     """Feed `text` in pieces of `step` characters; the joined content, whole calls and finish reason."""
     content, deltas = [], []
     for i in range(0, len(text), step):

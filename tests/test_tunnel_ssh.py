@@ -19,6 +19,7 @@ import httpx
 import psutil
 import pytest
 
+from llmstack.cli.faces import tunnel_defaults
 from llmstack.faces.tunnel import Forward, TunnelError, TunnelSpec, plan_tunnel
 from llmstack.stack.config import parse_config
 from tests.support.procs import DEFAULT_ENV, REPO_ROOT, Service, ServiceGroup, free_port
@@ -128,7 +129,7 @@ def _ssh_children(svc: Service) -> list[psutil.Process]:
     return [p for p in psutil.Process(svc.pid).children() if p.name() == "ssh"]
 
 
-def _wait_for(what: str, check, timeout: float = 30.0) -> None:  # noqa: ANN001
+def _wait_for(what: str, check, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -229,11 +230,13 @@ def test_plan_follows_stack_toml(tmp_path: Path) -> None:
         }
     )
     cfg.source_path = tmp_path / "stack.toml"
-    spec = plan_tunnel(cfg)
+    spec = plan_tunnel(tunnel_defaults(cfg))
     assert [f.spec() for f in spec.forwards] == ["127.0.0.1:19000:10.0.0.5:9000"]  # web UI disabled: API only
     assert spec.destination == "me@box" and spec.port == 2200
     assert spec.identity_file == str(tmp_path / "keys" / "id")  # relative to the stack.toml
-    both = plan_tunnel(parse_config({"api": {"host": "0.0.0.0"}}), destination="h", local_webui_port=17000)
+    both = plan_tunnel(
+        tunnel_defaults(parse_config({"api": {"host": "0.0.0.0"}})), destination="h", local_webui_port=17000
+    )
     assert [f.spec() for f in both.forwards] == ["127.0.0.1:8000:127.0.0.1:8000", "127.0.0.1:17000:127.0.0.1:7860"]
     assert both.port is None and "-p" not in both.command()
     with pytest.raises(TunnelError, match="which server"):

@@ -31,7 +31,7 @@ from tests import test_serving_e2e as serving_tests
 from tests.support.agent_apis import MODEL as AGENT_MODEL
 from tests.support.agent_apis import AgentTarget
 from tests.support.api_depth import Target, new_target
-from tests.support.procs import DEFAULT_ENV, REPO_ROOT
+from tests.support.procs import DEFAULT_ENV, REPO_ROOT, free_port
 from tests.support.stack import Stack, new_stack
 from tests.support.tiny_model import build_tiny_llama
 
@@ -116,7 +116,7 @@ def test_options_of_the_other_backend_are_refused() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "llmstack", "worker", "--no-register", *args]
+    cmd = [sys.executable, "-m", "llmstack", "worker", "--no-register", "--port", str(free_port()), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=_env())
 
 
@@ -312,11 +312,11 @@ def test_one_api_server_serves_one_model_from_both_engines(vstack: Stack, target
 
 
 # -- the transformers engine's engine-neutral tests, against the vLLM worker ---------------------------------
-def _on_vllm(test):  # noqa: ANN001, ANN202
+def _on_vllm(test):
     """The same test collected here (where `target` is the vLLM worker), marked slow, the original untouched."""
 
     @functools.wraps(test)
-    def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def run(*args, **kwargs):
         return test(*args, **kwargs)
 
     run.pytestmark = [*getattr(test, "pytestmark", []), pytest.mark.slow.mark]  # type: ignore[attr-defined]

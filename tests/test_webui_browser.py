@@ -118,14 +118,14 @@ def _wait_done(page: Page, timeout: float = 60_000) -> None:
     expect(page.locator("#llmstack-input .submit-button")).to_be_visible(timeout=timeout)
 
 
-def _wait_for(check, what: str, timeout: float = 60.0) -> None:  # noqa: ANN001
+def _wait_for(check, what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
 
 
-def _bot_messages(page: Page):  # noqa: ANN202
+def _bot_messages(page: Page):
     return page.locator('#llmstack-chatbot [data-testid="bot"]')
 
 

@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from llmstack.cli.common import EXIT_ENV, EXIT_FAILED, APIKeyOpt, OptionalConfigOpt, fail
+from llmstack.faces.tunnel import ServerDefaults
 from llmstack.stack.config import DEFAULT_CONFIG, ConfigError, StackConfig, load_config
 
 
@@ -67,7 +68,7 @@ def webui(
 
     Without logins anyone who can reach the page can chat: keep it on 127.0.0.1 and use `llmstack tunnel`.
     """
-    from llmstack.common.http import check_port_free, is_loopback
+    from llmstack.common.net import check_port_free, is_loopback
     from llmstack.faces.webui import AUTH_ENV, WebUISettings, parse_logins, run_webui
 
     cfg = _load(config)
@@ -160,6 +161,25 @@ def chat(
 
 
 # -- tunnel -------------------------------------------------------------------------------------------------
+def tunnel_defaults(cfg: StackConfig | None) -> ServerDefaults | None:
+    """The server side of a tunnel as the stack file describes it (faces do not read stack files)."""
+    if cfg is None:
+        return None
+    t = cfg.tunnel
+    return ServerDefaults(
+        destination=t.host,
+        ssh_port=t.ssh_port,
+        identity_file=str(cfg.resolve_path(t.identity_file)) if t.identity_file else None,
+        api_host=cfg.api.host,
+        api_port=cfg.api.port,
+        local_api_port=t.local_api_port,
+        webui_enabled=cfg.webui.enabled,
+        webui_host=cfg.webui.host,
+        webui_port=cfg.webui.port,
+        local_webui_port=t.local_webui_port,
+    )
+
+
 def tunnel(
     destination: Annotated[
         str | None, typer.Argument(help="\\[user@]host of the server, as for ssh (default: \\[tunnel] host).")
@@ -193,7 +213,7 @@ def tunnel(
 
     try:
         spec = plan_tunnel(
-            _load(config),
+            tunnel_defaults(_load(config)),
             destination=destination,
             ssh_port=port,
             identity_file=identity,

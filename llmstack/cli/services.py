@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -23,12 +23,15 @@ from llmstack.cli.common import (
 from llmstack.cli.options import with_worker_options
 from llmstack.services.worker.options import WorkerOptions
 
+if TYPE_CHECKING:
+    from llmstack.common.http import TLSFiles
+
 #: The commands of this group; `register` adds them to the main app.
 commands = typer.Typer()
 
 
-def _tls(ssl: bool, certfile: str | None, keyfile: str | None):  # noqa: ANN202
-    from llmstack.common.http import TLSFiles
+def _tls(ssl: bool, certfile: str | None, keyfile: str | None) -> TLSFiles:
+    from llmstack.common.http import TLSFiles  # fastapi and uvicorn: only for the commands that serve
 
     try:
         return TLSFiles.resolve(ssl, certfile, keyfile)
@@ -37,7 +40,7 @@ def _tls(ssl: bool, certfile: str | None, keyfile: str | None):  # noqa: ANN202
 
 
 def _check_port(host: str, port: int) -> None:
-    from llmstack.common.http import check_port_free
+    from llmstack.common.net import check_port_free
 
     try:
         check_port_free(host, port)
@@ -62,7 +65,8 @@ def controller(
     debug: Debug = False,
 ) -> None:
     """Run the controller: the registry of workers and their heartbeats."""
-    from llmstack.common.http import is_loopback, serve, setup_logging
+    from llmstack.common.http import serve, setup_logging
+    from llmstack.common.net import is_loopback
     from llmstack.services.controller import ControllerSettings, build_controller_app
 
     if dispatch_method not in ("lottery", "shortest_queue"):
@@ -229,7 +233,8 @@ def api(
     \\[\\[api.keys]] in LLMSTACK_API_KEY_RULES (JSON).  With --state-dir, usage per key, model and day is
     recorded in STATE_DIR/usage.db (`llmstack usage --run-dir STATE_DIR`) and stored responses in
     STATE_DIR/responses.sqlite3."""
-    from llmstack.common.http import is_loopback, parse_keys, serve, setup_logging
+    from llmstack.common.http import parse_keys, serve, setup_logging
+    from llmstack.common.net import is_loopback
     from llmstack.services.api.app import APISettings, build_api_app
     from llmstack.services.api.keys.rules import KeysFileError, rules_from_env
     from llmstack.services.api.keys.usage import StateDirInUse

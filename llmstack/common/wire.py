@@ -2,7 +2,7 @@
 
 Registration and routing bodies are pydantic models (validated at the boundary).  The generation
 stream is newline-delimited JSON of small dicts (one per event) because it sits on the per-token hot
-path; its shape is documented by the TypedDicts below.
+path; its shape is the `StreamEvent` TypedDicts at the end, which both sides use.
 """
 
 from __future__ import annotations
@@ -193,7 +193,6 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int] = Field(max_length=1_000_000)
 
 
-# -- generation stream events (one JSON object per line) --------------------------------------------
 class PromptEvent(TypedDict):
     """The stream's first line when the request asked for it (`report_prompt_tokens`): the prompt's token
     count, sent before the request waits for a slot, so the API server can apply a token limit before
@@ -222,14 +221,25 @@ class TextEvent(TypedDict):
     stop_sequence: NotRequired[str]
 
 
+class Usage(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: NotRequired[int]
+
+
 class UsageEvent(TypedDict):
     """The stream's last line: exact token counts over all choices (`prompt_tokens`,
     `completion_tokens`, and `reasoning_tokens`: the completion tokens spent reasoning)."""
 
-    usage: dict[str, int]
+    usage: Usage
 
 
 class ErrorEvent(TypedDict):
     """A typed error after the stream started; the body is OpenAI's error envelope."""
 
     error: dict[str, Any]
+
+
+#: One line of a worker's `/generate` stream (NDJSON).  Plain dicts on the hot path, no validation per
+#: token: the worker writes them, the API server reads them with `"usage" in event` / `"error" in event`.
+StreamEvent = PromptEvent | TextEvent | UsageEvent | ErrorEvent

@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 
+from llmstack.common.net import bearer
+
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 
 
@@ -117,10 +119,6 @@ class ChatRequest:
         return body
 
 
-def _headers(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
 def _timeout(read: float) -> httpx.Timeout:
     return httpx.Timeout(connect=5.0, read=read, write=10.0, pool=10.0)
 
@@ -130,7 +128,7 @@ class ChatClient:
 
     def __init__(self, base_url: str = DEFAULT_API_URL, api_key: str | None = None, timeout: float = 600.0) -> None:
         self.base_url = normalize_base_url(base_url)
-        self._http = httpx.Client(headers=_headers(api_key), timeout=_timeout(timeout), trust_env=False)
+        self._http = httpx.Client(headers=bearer(api_key), timeout=_timeout(timeout), trust_env=False)
 
     def close(self) -> None:
         self._http.close()
@@ -166,7 +164,7 @@ class AsyncChatClient:
 
     def __init__(self, base_url: str = DEFAULT_API_URL, api_key: str | None = None, timeout: float = 600.0) -> None:
         self.base_url = normalize_base_url(base_url)
-        self._http = httpx.AsyncClient(headers=_headers(api_key), timeout=_timeout(timeout), trust_env=False)
+        self._http = httpx.AsyncClient(headers=bearer(api_key), timeout=_timeout(timeout), trust_env=False)
 
     async def aclose(self) -> None:
         await self._http.aclose()

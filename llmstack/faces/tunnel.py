@@ -18,10 +18,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from llmstack.stack.config import StackConfig
+from llmstack.common.net import port_is_free, reach_host
 
 SERVER_ALIVE_INTERVAL = 15
 SERVER_ALIVE_COUNT_MAX = 3
@@ -98,13 +96,24 @@ class TunnelSpec:
         return shlex.join(self.command())
 
 
-def remote_host_for(bind_host: str) -> str:
-    """Where the server's own side of the forward connects: loopback unless the service binds one address."""
-    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "", "localhost") else bind_host
+@dataclass
+class ServerDefaults:
+    """What the stack file says about the server side, as plain values (`cli/faces.py` reads them)."""
+
+    destination: str | None = None
+    ssh_port: int = 22
+    identity_file: str | None = None
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    local_api_port: int | None = None
+    webui_enabled: bool = True
+    webui_host: str = "127.0.0.1"
+    webui_port: int = 7860
+    local_webui_port: int | None = None
 
 
 def plan_tunnel(
-    cfg: StackConfig | None,
+    server: ServerDefaults | None = None,
     *,
     destination: str | None = None,
     ssh_port: int | None = None,
@@ -116,48 +125,23 @@ def plan_tunnel(
     webui: bool = True,
     ssh_options: list[str] | None = None,
 ) -> TunnelSpec:
-    """The tunnel for a stack: arguments first, then stack.toml (`[tunnel]`, and the `[api]`/`[webui]`
+    """The tunnel for a stack: arguments first, then the stack file's (`[tunnel]`, and the `[api]`/`[webui]`
     ports on the server), then defaults. Local ports default to the server's, so URLs look the same."""
-    t = cfg.tunnel if cfg else None
-    destination = destination or (t.host if t else None)
+    s = server or ServerDefaults()
+    destination = destination or s.destination
     if not destination:
         raise TunnelError("which server? give [user@]host, or set [tunnel] host in stack.toml")
-    remote_api = api_port or (cfg.api.port if cfg else 8000)
+    remote_api = api_port or s.api_port
     forwards = [
-        Forward(
-            "api",
-            local_api_port or (t.local_api_port if t else None) or remote_api,
-            remote_api,
-            remote_host_for(cfg.api.host if cfg else "127.0.0.1"),
-            "/v1",
-        )
+        Forward("api", local_api_port or s.local_api_port or remote_api, remote_api, reach_host(s.api_host), "/v1")
     ]
-    if webui and (cfg is None or cfg.webui.enabled or webui_port):
-        remote_web = webui_port or (cfg.webui.port if cfg else 7860)
-        forwards.append(
-            Forward(
-                "webui",
-                local_webui_port or (t.local_webui_port if t else None) or remote_web,
-                remote_web,
-                remote_host_for(cfg.webui.host if cfg else "127.0.0.1"),
-                "/",
-            )
-        )
-    if identity_file is None and t and t.identity_file and cfg:
-        identity_file = str(cfg.resolve_path(t.identity_file))
-    if ssh_port is None and t and t.ssh_port != 22:
-        ssh_port = t.ssh_port
-    return TunnelSpec(destination, forwards, ssh_port, identity_file, list(ssh_options or []))
-
-
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+    if webui and (s.webui_enabled or webui_port):
+        remote_web = webui_port or s.webui_port
+        local_web = local_webui_port or s.local_webui_port or remote_web
+        forwards.append(Forward("webui", local_web, remote_web, reach_host(s.webui_host), "/"))
+    if ssh_port is None and s.ssh_port != 22:
+        ssh_port = s.ssh_port
+    return TunnelSpec(destination, forwards, ssh_port, identity_file or s.identity_file, list(ssh_options or []))
 
 
 def check_local_ports(forwards: list[Forward]) -> None:

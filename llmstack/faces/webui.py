@@ -162,7 +162,7 @@ footer { display: none !important; }
 """
 
 
-def build_blocks(settings: WebUISettings):  # noqa: ANN201  (gradio.Blocks; gradio is imported lazily)
+def build_blocks(settings: WebUISettings):  # gradio.Blocks; gradio is imported lazily
     """The page: settings on the left, the chat on the right, a status banner on top."""
     import gradio as gr
 
@@ -219,7 +219,7 @@ def build_blocks(settings: WebUISettings):  # noqa: ANN201  (gradio.Blocks; grad
     return demo
 
 
-def build_app(settings: WebUISettings):  # noqa: ANN201  (fastapi.FastAPI)
+def build_app(settings: WebUISettings):  # fastapi.FastAPI
     """FastAPI with the page mounted at `/` (and a JSON `/health` for scripts)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr

@@ -161,14 +161,14 @@ def build_controller_app(settings: ControllerSettings) -> FastAPI:
     install_error_handlers(app)
     metrics = CollectorRegistry()
 
-    def workers_per_model():  # noqa: ANN202
+    def workers_per_model():
         counts: dict[str, int] = {}
         for w in registry.live_workers():
             for name in w.registration.model_names:
                 counts[name] = counts.get(name, 0) + 1
         return [([name], float(n)) for name, n in counts.items()]
 
-    def events():  # noqa: ANN202
+    def events():
         return [([event], float(n)) for event, n in registry.events.items()]
 
     metrics.register(

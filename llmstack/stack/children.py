@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Protocol
 
 import httpx
+import psutil
 
+from llmstack.common.net import judge_health
 from llmstack.stack.plan import ServiceSpec
 from llmstack.stack.rundir import ProcRef, Role
 
@@ -78,7 +80,7 @@ class PopenChild:
             )
         self.pid = self.popen.pid
         self._ref: ProcRef | None = None
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(psutil.Error):  # it exited already: poll() tells
             self._ref = ProcRef.of(self.pid)
 
     def poll(self) -> int | None:
@@ -107,8 +109,8 @@ def spawn_process(spec: ServiceSpec, env: dict[str, str], log_path: Path) -> Chi
 
 
 class HTTPHealth:
-    """GET the health URL: 200 (and, for the api, every expected model routable; for a worker,
-    status "ok") means healthy. Loopback services: no proxies from the environment."""
+    """GET the health URL and judge it (`net.judge_health`: 200, status "ok", the api's expected models
+    routable). Loopback services: no proxies from the environment."""
 
     def __init__(self, timeout: float = 2.0) -> None:
         self.client = httpx.Client(timeout=timeout, trust_env=False, verify=False)  # self-signed local TLS
@@ -118,17 +120,7 @@ class HTTPHealth:
             resp = self.client.get(spec.health_url)
         except httpx.HTTPError:
             return False
-        if resp.status_code != 200:
-            return False
-        if spec.role not in ("workers", "api"):
-            return True
-        try:
-            body = resp.json()
-        except ValueError:
-            return False
-        if spec.role == "workers":
-            return body.get("status") == "ok"
-        return set(spec.expect_models) <= set(body.get("models") or [])
+        return judge_health(resp, spec.expect_models)[0]
 
 
 class Stoppable(Protocol):

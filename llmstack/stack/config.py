@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llmstack.common.net import ALL_INTERFACES, service_url
 from llmstack.services.api.keys.rules import KeyRule, check_unique, flat_rules
 from llmstack.services.worker.options import Port, WorkerOptions, flag_of, off_flag_of
 
@@ -89,9 +90,7 @@ class ControllerSection(_Section):
     def url(self) -> str:
         if self.address:
             return self.address.rstrip("/")
-        scheme = "https" if self.ssl.certfile else "http"
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"{scheme}://{host}:{self.port}"
+        return service_url(self.host, self.port, bool(self.ssl.certfile))
 
     def args(self) -> list[str]:
         return [
@@ -159,9 +158,7 @@ class APISection(_Section):
 
     @property
     def url(self) -> str:
-        scheme = "https" if self.ssl.certfile else "http"
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"{scheme}://{host}:{self.port}"
+        return service_url(self.host, self.port, bool(self.ssl.certfile))
 
     @property
     def keys_required(self) -> bool:
@@ -228,7 +225,7 @@ class StackConfig(_Section):
         seen: dict[tuple[str, int], str] = {}
 
         def claim(host: str, port: int, who: str) -> None:
-            key = ("*" if host in ("0.0.0.0", "::") else host, port)
+            key = ("*" if host in ALL_INTERFACES else host, port)
             for (h, p), other in seen.items():
                 if p == port and (h == key[0] or "*" in (h, key[0])):
                     raise ValueError(f"port {port} is used by both {other} and {who}")

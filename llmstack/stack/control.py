@@ -191,9 +191,9 @@ def stop_stack(rd: RunDir, cfg: StackConfig | None, drain: float, *, quiet: bool
     stragglers = marked_processes(state.run_id)
     if stragglers:
         kill_all(stragglers)
-        with contextlib.suppress(Exception):
-            import psutil
+        import psutil
 
+        with contextlib.suppress(psutil.Error):
             psutil.wait_procs(stragglers, timeout=5)
     for rec in state.services:
         if rec.state != ServiceState.FAILED:

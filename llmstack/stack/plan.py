@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from llmstack.common.net import service_url
 from llmstack.services.engines.gguf.files import is_gguf_path
 from llmstack.services.engines.gguf.header import read_header
 from llmstack.services.engines.gguf.support import check_servable
@@ -162,13 +163,6 @@ def _cached_modelscope_snapshot(model: str, cache: Path | None, revision: str | 
         return None
 
 
-def service_url(host: str, port: int, tls: bool = False) -> str:
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    if ":" in shown:
-        shown = f"[{shown}]"
-    return f"{'https' if tls else 'http'}://{shown}:{port}"
-
-
 def selected_roles(cfg: StackConfig, only: list[RoleName] | None) -> list[str]:
     """The roles this machine runs: `--only`, else everything the file enables."""
     available = {
@@ -214,28 +208,9 @@ def build_specs(
                 secret_env=["LLMSTACK_CLUSTER_TOKEN"],
             )
         )
-    served: list[str] = []
-    if "workers" in roles:
-        entries = zip(cfg.models, cfg.worker_ports(), worker_service_names(cfg), strict=True)
-        for i, (m, ports, names) in enumerate(entries):
-            path = str(model_paths[i]) if model_paths is not None else m.model
-            for port, name in zip(ports, names, strict=True):
-                url = service_url(m.host, port)
-                specs.append(
-                    ServiceSpec(
-                        name=name,
-                        role="workers",
-                        argv=[*py, "worker", *m.args(path, port, controller_url), *drain],
-                        env=dict(m.env),
-                        host=m.host,
-                        port=port,
-                        url=m.worker_address or url,
-                        health_url=f"{url}/health",
-                        models=m.served_names,
-                        secret_env=["LLMSTACK_CLUSTER_TOKEN"],
-                    )
-                )
-            served += m.served_names
+    workers = _worker_specs(cfg, model_paths, [*py, "worker"], drain) if "workers" in roles else []
+    specs += workers
+    served = list(dict.fromkeys(name for spec in workers for name in spec.models))
     if "api" in roles:
         a = cfg.api
         url = service_url(a.host, a.port, bool(a.ssl.certfile))
@@ -273,6 +248,34 @@ def build_specs(
                 secret_env=["LLMSTACK_API_KEY", "LLMSTACK_WEBUI_AUTH"],
             )
         )
+    return specs
+
+
+def _worker_specs(
+    cfg: StackConfig, model_paths: list[Path] | None, worker_cmd: list[str], drain: list[str]
+) -> list[ServiceSpec]:
+    """One service per worker port of every `[[models]]` entry (`replicas` gives several)."""
+    specs: list[ServiceSpec] = []
+    controller_url = cfg.controller.url
+    entries = zip(cfg.models, cfg.worker_ports(), worker_service_names(cfg), strict=True)
+    for i, (m, ports, names) in enumerate(entries):
+        path = str(model_paths[i]) if model_paths is not None else m.model
+        for port, name in zip(ports, names, strict=True):
+            url = service_url(m.host, port)
+            specs.append(
+                ServiceSpec(
+                    name=name,
+                    role="workers",
+                    argv=[*worker_cmd, *m.args(path, port, controller_url), *drain],
+                    env=dict(m.env),
+                    host=m.host,
+                    port=port,
+                    url=m.worker_address or url,
+                    health_url=f"{url}/health",
+                    models=m.served_names,
+                    secret_env=["LLMSTACK_CLUSTER_TOKEN"],
+                )
+            )
     return specs
 
 
@@ -347,7 +350,7 @@ def cluster_token_for(cfg: StackConfig | None, rd: RunDir) -> str | None:
 
 def preflight(cfg: StackConfig, specs: list[ServiceSpec]) -> list[str]:
     """Problems that would make a service fail at once: each names the service and what to change."""
-    from llmstack.common.http import check_port_free
+    from llmstack.common.net import check_port_free
 
     problems = []
     for spec in specs:
@@ -362,7 +365,7 @@ def preflight(cfg: StackConfig, specs: list[ServiceSpec]) -> list[str]:
 
 
 def exposure_warnings(cfg: StackConfig, specs: list[ServiceSpec], secrets: dict[str, str]) -> list[str]:
-    from llmstack.common.http import is_loopback
+    from llmstack.common.net import is_loopback
 
     out = []
     for spec in specs:

@@ -19,12 +19,15 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 from pydantic import BaseModel, Field
 
 from llmstack.stack.config import FIRST_WORKER_PORT, StackConfig
 from llmstack.stack.plan import Plan, ServiceSpec, service_url, worker_service_names
-from llmstack.stack.rundir import ROLES, RunDir
+from llmstack.stack.rundir import Role, RunDir
+
+ROLE_ORDER: tuple[str, ...] = get_args(Role)  # how the plan lists services: start order
 
 #: ServiceSpec fields that are gates or bookkeeping of the supervisor, not settings of the process.
 NOT_SETTINGS = {"expect_models"}
@@ -158,7 +161,7 @@ def diff_plans(old: Plan, new: Plan, failed: set[str] | frozenset[str] = frozens
     for spec in old.services:
         if spec.name not in wanted:
             diff.changes.append(Change(spec.name, spec.role, Action.STOP, ("no longer in stack.toml",)))
-    diff.changes.sort(key=lambda c: ROLES.index(c.role))  # type: ignore[arg-type]
+    diff.changes.sort(key=lambda c: ROLE_ORDER.index(c.role))
     _explain(old, new, diff)
     return diff
 

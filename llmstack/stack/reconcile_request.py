@@ -33,6 +33,7 @@ from llmstack.stack.plan import (
     stack_secrets,
 )
 from llmstack.stack.reconcile import (
+    ROLE_ORDER,
     Action,
     Change,
     Diff,
@@ -43,7 +44,7 @@ from llmstack.stack.reconcile import (
     request_path,
     result_path,
 )
-from llmstack.stack.rundir import ROLES, Phase, RunDir, RunState, ServiceState
+from llmstack.stack.rundir import Phase, RunDir, RunState, ServiceState
 
 STYLE = {Action.START: "green", Action.RESTART: "yellow", Action.STOP: "red", Action.KEEP: "dim"}
 
@@ -135,7 +136,7 @@ def new_plan(
     secrets = stack_secrets(cfg, rd, roles)  # the running stack has its cluster token already: nothing is written
     if only:
         others = [s for s in running.services if s.role not in roles]
-        specs = sorted([*others, *specs], key=lambda s: ROLES.index(s.role))
+        specs = sorted([*others, *specs], key=lambda s: ROLE_ORDER.index(s.role))
     plan = build_plan(cfg, specs, secrets, run_id=running.run_id, timings=running.timings)
     if only:  # their secrets are the supervisor's, not this shell's
         plan.secret_digests.update({s.name: running.secret_digests.get(s.name, {}) for s in others})

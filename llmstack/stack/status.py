@@ -7,8 +7,10 @@ import contextlib
 import time
 from typing import Any
 
+import psutil
 from rich.table import Table
 
+from llmstack.common.net import bearer, judge_health
 from llmstack.stack.plan import cluster_token_for
 from llmstack.stack.rundir import (
     Phase,
@@ -26,16 +28,13 @@ def _health(rec: Any) -> tuple[bool, str, dict]:
             resp = client.get(rec.health_url)
     except httpx.HTTPError as exc:
         return False, type(exc).__name__, {}
-    if resp.status_code != 200:
-        return False, f"HTTP {resp.status_code}", {}
+    healthy, detail = judge_health(resp)
+    engine: dict = {}
     if rec.role == "workers":
         with contextlib.suppress(ValueError, AttributeError):
-            body = resp.json()
-            status = body.get("status")
-            engine = body.get("engine")
-            return status == "ok", str(status), engine if isinstance(engine, dict) else {}
-        return False, "bad reply", {}
-    return True, "ok", {}
+            figures = resp.json().get("engine")
+            engine = figures if isinstance(figures, dict) else {}
+    return healthy, detail, engine
 
 
 def _prefix_hit_rates(engines: list[tuple[list[str], dict]]) -> dict[str, float]:
@@ -64,7 +63,7 @@ def _models_from_controller(url: str | None, token: str | None, state: RunState)
 
     if not url:
         return [], None
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = bearer(token)
     try:
         with httpx.Client(timeout=3.0, trust_env=not url.startswith(("http://127.", "http://localhost"))) as client:
             resp = client.get(f"{url}/workers", headers=headers)
@@ -77,7 +76,7 @@ def _models_from_controller(url: str | None, token: str | None, state: RunState)
         if rec.role == "workers" and rec.proc is not None:
             total = 0
             for proc in rec.proc.members():
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(psutil.Error):  # it exited meanwhile
                     total += proc.memory_info().rss
             memory[rec.url.rstrip("/")] = total
     models: dict[str, dict] = {}

@@ -32,6 +32,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO
 
+import psutil
+
 from llmstack.stack.children import (
     STOP_TIERS,
     Child,
@@ -102,7 +104,7 @@ class Supervisor:
             controller_url=plan.controller_url,
             timings=dict(plan.timings),
         )
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(psutil.Error):
             self.state.supervisor = ProcRef.of(os.getpid())
         self.slots: dict[str, _Slot] = {}
         for spec in plan.services:

@@ -103,7 +103,7 @@ def load_document() -> dict[str, Any]:
         return json.loads(cache.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         pass
-    doc = _patch(yaml.load(raw, Loader=_Loader))  # noqa: S506 - _Loader is a SafeLoader
+    doc = _patch(yaml.load(raw, Loader=_Loader))  # _Loader is a SafeLoader
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".tmp")

@@ -9,7 +9,7 @@ from typing import Any
 
 from llmstack.common.errors import LLMStackError
 from llmstack.common.metrics import RequestTracker
-from llmstack.common.wire import SamplingParams
+from llmstack.common.wire import SamplingParams, StreamEvent
 from llmstack.services.api.protocol import ChatCompletionRequest
 from llmstack.services.api.streaming import (
     SSE_DONE,
@@ -70,8 +70,8 @@ class ChatCompletions:
         self,
         req: ChatCompletionRequest,
         params: SamplingParams,
-        first: dict[str, Any] | None,
-        events: Any,
+        first: StreamEvent | None,
+        events: AsyncIterator[StreamEvent],
         tracker: RequestTracker,
     ) -> AsyncIterator[bytes]:
         base = {

@@ -19,8 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
+from pydantic import ValidationError
 
 from llmstack.common.errors import NotFound, ServiceUnavailable
+from llmstack.common.net import bearer, judge_health
 from llmstack.common.wire import DispatchMethod, WorkerEntry, WorkerTable
 from llmstack.services.dispatch import Candidate, choose
 
@@ -52,7 +54,7 @@ class RoutingTable:
         self.client = client
         self.sync_interval = sync_interval
         self.failure_cooldown = failure_cooldown
-        self.headers = {"Authorization": f"Bearer {cluster_token}"} if cluster_token else {}
+        self.headers = bearer(cluster_token)
         self.clock = clock
         self.rng = random.Random()
         self.dispatch_method: DispatchMethod = "shortest_queue"
@@ -62,18 +64,39 @@ class RoutingTable:
         self.failed_at: dict[str, float] = {}
         self.last_sync: float | None = None
         self.failovers: dict[tuple[str, str], int] = {}  # (model, reason) -> requests moved to another worker
+        self.sync_problem: str | None = None  # why the last sync failed (logged when it changes)
 
     # -- syncing ---------------------------------------------------------------------------------------
     async def sync_once(self) -> bool:
+        """Fetch the controller's table; on failure keep the last one (serving continues without the
+        controller) and say why, once per change of cause."""
+        url = f"{self.controller_address}/workers"
         try:
-            resp = await self.client.get(f"{self.controller_address}/workers", headers=self.headers, timeout=2.0)
+            resp = await self.client.get(url, headers=self.headers, timeout=2.0)
+        except httpx.HTTPError as exc:
+            return self._sync_failed(f"cannot reach the controller at {url} ({type(exc).__name__})")
+        if resp.status_code in (401, 403):
+            return self._sync_failed(
+                f"the controller at {url} refused the routing-table sync (HTTP {resp.status_code}): this API "
+                "server's --cluster-token (LLMSTACK_CLUSTER_TOKEN) differs from the controller's; until it matches "
+                "no worker is routable"
+            )
+        try:
             resp.raise_for_status()
             table = WorkerTable.model_validate_json(resp.content)
-        except Exception as exc:  # keep the last table; serving continues without the controller
-            log.debug("routing sync failed: %s", exc)
-            return False
+        except (httpx.HTTPStatusError, ValidationError) as exc:
+            return self._sync_failed(f"the controller at {url} gave no routing table ({_short(exc)})")
+        if self.sync_problem is not None:
+            log.info("routing-table sync works again")
+            self.sync_problem = None
         self.apply(table)
         return True
+
+    def _sync_failed(self, problem: str) -> bool:
+        if problem != self.sync_problem:  # a lasting failure is logged once, not every sync interval
+            log.warning("%s; keeping the last routing table (%d workers)", problem, len(self.routes))
+            self.sync_problem = problem
+        return False
 
     def apply(self, table: WorkerTable) -> None:
         self.dispatch_method = table.dispatch_method
@@ -124,7 +147,7 @@ class RoutingTable:
             resp = await self.client.get(f"{address}/health", timeout=timeout)
         except (httpx.HTTPError, OSError):
             return False
-        return resp.status_code == 200 and resp.json().get("status") == "ok"
+        return judge_health(resp)[0]
 
     # -- dispatch ---------------------------------------------------------------------------------------
     def models(self) -> dict[str, WorkerEntry]:
@@ -167,3 +190,8 @@ class RoutingTable:
 
     def mark_ok(self, route: Route) -> None:
         self.failed_at.pop(route.address, None)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]

@@ -11,6 +11,7 @@ import orjson
 from llmstack.common.errors import LLMStackError
 from llmstack.common.http import request_id_var
 from llmstack.common.metrics import RequestTracker
+from llmstack.common.wire import StreamEvent, TextEvent, Usage
 
 # Characters JSON leaves unescaped that str.splitlines() (and so httpx's iter_lines and many hand-written
 # SSE readers) treat as line breaks.  In UTF-8 these byte sequences only ever encode those characters.
@@ -33,7 +34,7 @@ def sse_event(event: dict[str, Any]) -> bytes:
     return b"event: " + event["type"].encode() + b"\n" + sse(event)
 
 
-async def first_event(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
+async def first_event(events: AsyncIterator[StreamEvent]) -> StreamEvent | None:
     """Pull the first event so failures before any output surface as a proper HTTP error."""
     try:
         event = await anext(events)
@@ -45,14 +46,14 @@ async def first_event(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any] |
     return event
 
 
-async def chain(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+async def chain(first: StreamEvent | None, rest: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
     try:
         if first is not None:
             yield first
         async for event in rest:
             yield event
     except LLMStackError as exc:  # the worker died mid-stream: end with a proper error event
-        yield exc.to_body(request_id_var.get())
+        yield exc.to_body(request_id_var.get())  # type: ignore[misc]  # an ErrorEvent
     finally:
         await rest.aclose()
 
@@ -70,7 +71,7 @@ class Choice:
         self.calls: dict[int, dict[str, Any]] = {}
         self.logprobs: list[dict[str, Any]] | None = None
 
-    def add(self, event: dict[str, Any]) -> None:
+    def add(self, event: TextEvent) -> None:
         self.parts.append(event["text"])
         if "reasoning" in event:
             self.reasoning_parts.append(event["reasoning"])
@@ -112,11 +113,9 @@ class Choice:
         return message
 
 
-async def collect(
-    events: AsyncIterator[dict[str, Any]], n: int, tracker: RequestTracker
-) -> tuple[list[Choice], dict[str, int]]:
+async def collect(events: AsyncIterator[StreamEvent], n: int, tracker: RequestTracker) -> tuple[list[Choice], Usage]:
     choices = [Choice() for _ in range(n)]
-    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    usage: Usage = {"prompt_tokens": 0, "completion_tokens": 0}
     async for event in events:
         if "usage" in event:
             usage = event["usage"]
@@ -143,7 +142,7 @@ def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str,
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-def usage_block(usage: dict[str, int]) -> dict[str, int]:
+def usage_block(usage: Usage) -> dict[str, int]:
     return {
         "prompt_tokens": usage["prompt_tokens"],
         "completion_tokens": usage["completion_tokens"],

@@ -8,7 +8,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import anyio
 import httpx
@@ -16,6 +16,7 @@ import orjson
 
 from llmstack.common.errors import LLMStackError, ServiceUnavailable, WorkerError
 from llmstack.common.http import REQUEST_ID_HEADER, request_id_var
+from llmstack.common.wire import StreamEvent, TextEvent
 from llmstack.services.api.routing import Route, RoutingTable
 
 _RETRYABLE_STATUS = {429, 502, 503}
@@ -80,6 +81,19 @@ class WorkerStream:
         self.stream_timeout = stream_timeout
         self.request_timeout = request_timeout
 
+    def _pick(self, model: str, tried: set[str], last_error: LLMStackError | None) -> Route:
+        """The next worker to try (counted in flight; the caller decrements), or the last attempt's error
+        when none is left."""
+        try:
+            route = self.router.pick(model, tried)
+        except ServiceUnavailable:
+            if last_error is not None:
+                raise last_error from None
+            raise
+        tried.add(route.address)
+        route.inflight += 1
+        return route
+
     def _headers(self) -> dict[str, str]:
         return {REQUEST_ID_HEADER: request_id_var.get(), **self.router.headers}
 
@@ -124,7 +138,7 @@ class WorkerStream:
                 with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
                     await next_line
 
-    async def events(self, model: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, model: str, body: dict[str, Any]) -> AsyncIterator[StreamEvent]:
         tried: set[str] = set()
         last_error: LLMStackError | None = None
         headers = self._headers()
@@ -134,14 +148,7 @@ class WorkerStream:
             body = {**body, **meter.worker_fields()}
         prompted = False  # a retry on another worker reports the prompt again: it is counted once
         for _ in range(self.max_attempts):
-            try:
-                route = self.router.pick(model, tried)
-            except ServiceUnavailable:
-                if last_error is not None:
-                    raise last_error from None
-                raise
-            tried.add(route.address)
-            route.inflight += 1
+            route = self._pick(model, tried, last_error)
             started = False
             try:
                 request = self.client.build_request(
@@ -174,7 +181,8 @@ class WorkerStream:
                             raise
                         except Exception as exc:
                             raise _Lost(f"{type(exc).__name__}: {exc}") from exc
-                        for event in _merge_text_events([orjson.loads(line) for line in lines if line]):
+                        parsed = [cast(StreamEvent, orjson.loads(line)) for line in lines if line]
+                        for event in _merge_text_events(parsed):
                             if "prompt_tokens" in event:  # counted before generation; not the stream's start
                                 if meter is not None and not prompted:
                                     meter.prompt(event["prompt_tokens"])
@@ -206,14 +214,7 @@ class WorkerStream:
         last_error: LLMStackError | None = None
         headers = self._headers()
         for _ in range(self.max_attempts):
-            try:
-                route: Route = self.router.pick(model, tried)
-            except ServiceUnavailable:
-                if last_error is not None:
-                    raise last_error from None
-                raise
-            tried.add(route.address)
-            route.inflight += 1
+            route = self._pick(model, tried, last_error)
             try:
                 response = await self.client.post(f"{route.address}{path}", json=body, headers=headers)
             except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:  # not retried: the work may be under way
@@ -260,40 +261,45 @@ async def _ndjson_batches(response: httpx.Response) -> AsyncIterator[list[bytes]
         yield [buffer]
 
 
-def _merge_text_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _merge_text_events(events: list[StreamEvent]) -> list[StreamEvent]:
     """Consecutive text events of one choice that arrived together become one (text joined, tokens
     summed, logprobs concatenated, the last one's finish reason): when the reader is behind, it sends one
     chunk for them, not one each.  Nothing waits for more: only what one read brought is merged.  Events
     with tool-call deltas stay as they are."""
     if len(events) < 2:
         return events
-    merged: list[dict[str, Any]] = []
+    merged: list[StreamEvent] = []
     for event in events:
         last = merged[-1] if merged else None
-        if (
-            last is not None
-            and "text" in event
-            and "text" in last
-            and last["index"] == event["index"]
-            and not last.get("finish_reason")
-            and "tool_calls" not in last
-            and "tool_calls" not in event
-            and ("logprobs" in last) == ("logprobs" in event)
-            and not ("reasoning" in event and last["text"])  # reasoning after text: keep the order
-        ):
-            if "reasoning" in event:
-                last["reasoning"] = last.get("reasoning", "") + event["reasoning"]
-            last["text"] += event["text"]
-            last["tokens"] += event["tokens"]
-            if "logprobs" in event:
-                last["logprobs"] = last["logprobs"] + event["logprobs"]
-            if event.get("finish_reason"):
-                last["finish_reason"] = event["finish_reason"]
-                if "stop_sequence" in event:
-                    last["stop_sequence"] = event["stop_sequence"]
+        if last is not None and "text" in event and "text" in last and _joinable(last, event):
+            _join(last, event)
         else:
             merged.append(event)
     return merged
+
+
+def _joinable(last: TextEvent, event: TextEvent) -> bool:
+    return (
+        last["index"] == event["index"]
+        and not last.get("finish_reason")
+        and "tool_calls" not in last
+        and "tool_calls" not in event
+        and ("logprobs" in last) == ("logprobs" in event)
+        and not ("reasoning" in event and last["text"])  # reasoning after text: keep the order
+    )
+
+
+def _join(last: TextEvent, event: TextEvent) -> None:
+    if "reasoning" in event:
+        last["reasoning"] = last.get("reasoning", "") + event["reasoning"]
+    last["text"] += event["text"]
+    last["tokens"] += event["tokens"]
+    if "logprobs" in event:
+        last["logprobs"] = last["logprobs"] + event["logprobs"]
+    if event.get("finish_reason"):
+        last["finish_reason"] = event["finish_reason"]
+        if "stop_sequence" in event:
+            last["stop_sequence"] = event["stop_sequence"]
 
 
 def _error_from(content: bytes, status: int) -> LLMStackError:

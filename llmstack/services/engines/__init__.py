@@ -38,7 +38,7 @@ class EngineOptionError(ValueError):
 
 
 def create_engine(cfg: HFEngineConfig | VLLMEngineConfig) -> Engine:
-    """The engine for a configuration (`services/worker/options.py` `engine_config` builds it from the
+    """The engine for a configuration (`services/worker/engine_config.py` builds it from the
     worker's options); raises `EngineOptionError` with a message for people."""
     from llmstack.services.engines.vllm.args import VLLMEngineConfig, VLLMUnavailable
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from llmstack.common.errors import InvalidRequest
-from llmstack.common.wire import SamplingParams, WorkerKind
+from llmstack.common.wire import SamplingParams, Structure, WorkerKind
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -62,6 +66,13 @@ class Engine(abc.ABC):
     kind: WorkerKind
     name: str  # e.g. "transformers", "vllm"
     context_length: int
+    #: The worker's one thread for prompt work (rendering, tokenising, grammar compilation), set by the worker
+    #: before `start`: such work never runs on the event loop, where it would stall every stream.
+    text_executor: Executor | None = None
+
+    async def on_text_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the text thread (asyncio's default executor when no worker set one)."""
+        return await asyncio.get_running_loop().run_in_executor(self.text_executor, fn, *args)
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load weights and warm up; called once before serving."""
@@ -81,7 +92,12 @@ class Engine(abc.ABC):
         `enable_thinking`, `reasoning_effort`)."""
 
     def check(self, params: SamplingParams) -> None:  # noqa: B027 - optional hook
-        """Raise `InvalidRequest` for settings this engine cannot honour, before streaming starts."""
+        """Raise `InvalidRequest` for settings this engine cannot honour, before streaming starts (on the
+        text thread: it may compile a grammar)."""
+
+    def prepare_structured_outputs(self) -> None:  # noqa: B027 - optional hook
+        """Build what constrained decoding needs once, at load (on the text thread), not on the first
+        structured request: xgrammar's view of the vocabulary walks every token."""
 
     @abc.abstractmethod
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
@@ -136,6 +152,11 @@ class TemplatedEngine(Engine):
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def prepare_structured_outputs(self) -> None:
+        """Through the engine's own check: compiling the smallest grammar builds the tokenizer's info."""
+        if self.renderer is not None:
+            self.check(SamplingParams(structure=Structure(kind="json_object")))
 
     def _check_ids(self, ids: list[int]) -> None:
         size = len(self.tokenizer)

@@ -18,8 +18,6 @@ class ConvTemplate:
     description: str = ""
 
 
-_SYSTEM_FIRST = "{% set ns = namespace(sys='') %}"
-
 TEMPLATES: dict[str, ConvTemplate] = {
     t.name: t
     for t in [

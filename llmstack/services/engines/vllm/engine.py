@@ -236,18 +236,17 @@ class VLLMEngine(TemplatedEngine):
             schema = {"type": "object", "additionalProperties": True}  # any object (vLLM's own is strict)
         return self._structured_cls(json=schema, disable_any_whitespace=True)
 
-    def _no_control_tokens(self) -> dict[int, float]:
-        """Biases that keep raw control characters out of JSON (see `grammar.control_token_ids`)."""
-        if self._control_bias is None:
-            try:
-                import xgrammar as xgr
+    def prepare_structured_outputs(self) -> None:
+        """Biases that keep raw control characters out of JSON (see `decoding.control_token_ids`), from
+        xgrammar's decoded vocabulary: built once at load, on the text thread."""
+        try:
+            import xgrammar as xgr
 
-                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
-                self._control_bias = {i: -100.0 for i in control_token_ids(info.decoded_vocab)}
-            except Exception as exc:  # a tokenizer xgrammar cannot read: vLLM's grammar alone
-                log.warning("cannot list control-character tokens (%s)", exc)
-                self._control_bias = {}
-        return self._control_bias
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
+            self._control_bias = {i: -100.0 for i in control_token_ids(info.decoded_vocab)}
+        except Exception as exc:  # a tokenizer xgrammar cannot read: vLLM's grammar alone
+            log.warning("cannot list control-character tokens (%s): JSON output may contain them", exc)
+            self._control_bias = {}
 
     def sampling_params(self, params: SamplingParams) -> Any:
         kwargs: dict[str, Any] = {
@@ -269,7 +268,7 @@ class VLLMEngine(TemplatedEngine):
         bias = dict(params.logit_bias)
         if params.structure is not None:
             kwargs["structured_outputs"] = self._structured(params.structure)
-            bias = {**self._no_control_tokens(), **bias}
+            bias = {**(self._control_bias or {}), **bias}
         if bias:
             kwargs["logit_bias"] = bias
         if params.top_k > 0:  # "off" is -1 in older vLLM and 0 in newer: leave vLLM's own default
@@ -375,7 +374,8 @@ class VLLMEngine(TemplatedEngine):
         counter = getattr(self.llm, "get_num_unfinished_requests", None)
         try:
             return int(counter()) if counter is not None else self._inflight
-        except Exception:  # a stats read must never break a heartbeat
+        except Exception as exc:  # a stats read must never break a heartbeat
+            log.debug("vLLM's unfinished-request count is unreadable (%s)", exc)
             return self._inflight
 
     # -- embeddings (pooling models: engine_args runner = "pooling") -------------------------------------------
@@ -391,8 +391,8 @@ class VLLMEngine(TemplatedEngine):
         limit = self.context_length
         vectors: list[list[float]] = []
         total = 0
-        for text in texts:
-            ids = self.encode(text)
+        encoded = await self.on_text_thread(lambda: [self.encode(text) for text in texts])
+        for ids in encoded:
             if len(ids) > limit and truncate:
                 ids = ids[:limit]
             total += len(ids)
