@@ -161,7 +161,7 @@ def model_paths(cfg: StackConfig, *, offline: bool, dry_run: bool) -> list[Path]
 
 def port_problems(running: Plan, starting: list[ServiceSpec], diff: Diff) -> list[str]:
     """Ports the services to (re)start need that something outside the stack holds."""
-    from llmstack.common.http import check_port_free
+    from llmstack.common.net import check_port_free
 
     ours = {s.port for s in running.services}  # freed before what needs them starts, or held by the same service
     out = []
