@@ -239,3 +239,19 @@ def test_up_only_leaves_the_other_roles_as_they_run(tmp_path: Path) -> None:
     diff = diff_plans(running, plan)
     assert _actions(diff) == {"controller": "keep", "worker-a": "keep", "worker-b": "keep", "api": "restart"}
     assert "--sync-interval 1.0 -> 0.5" in diff.changes[-1].reasons
+
+
+def test_a_port_held_outside_the_stack_is_refused_before_anything_changes() -> None:
+    import socket
+
+    from llmstack.stack.reconcile_request import port_problems
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        running = _plan(_base())
+        new = _spec("worker-c", "workers", models=["c"]).model_copy(update={"port": port})
+        ours = _spec("worker-d", "workers", models=["d"])  # port 1: one the running stack holds itself
+        problems = port_problems(running, [new, ours])
+    assert len(problems) == 1 and f"port {port} (worker-c) is already in use" in problems[0]

@@ -93,7 +93,7 @@ def reconcile_running(
         console.print(f"the running stack already matches {cfg.source_path}: nothing to do", markup=False)
         return EXIT_OK
     touched = set(diff.named(Action.START, Action.RESTART))
-    problems = port_problems(running, [s for s in plan.services if s.name in touched], diff)
+    problems = port_problems(running, [s for s in plan.services if s.name in touched])
     if problems:
         for p in problems:
             print_error(p)
@@ -159,11 +159,13 @@ def model_paths(cfg: StackConfig, *, offline: bool, dry_run: bool) -> list[Path]
     return out
 
 
-def port_problems(running: Plan, starting: list[ServiceSpec], diff: Diff) -> list[str]:
+def port_problems(running: Plan, starting: list[ServiceSpec]) -> list[str]:
     """Ports the services to (re)start need that something outside the stack holds."""
     from llmstack.common.net import check_port_free
 
-    ours = {s.port for s in running.services}  # freed before what needs them starts, or held by the same service
+    # a port of the running stack is freed before what needs it starts (the new plan never gives one port to two
+    # services: the one that held it is stopped or moved first), or it is held by the same service
+    ours = {s.port for s in running.services}
     out = []
     for spec in starting:
         if spec.port in ours:
