@@ -40,6 +40,9 @@ them into SSE chunks; the usage is recorded before the last one.  `/v1/responses
 state that `status`, `logs` and `down` read from any shell.  Each worker it spawns runs `llmstack worker`
 -> `cli/options.py` (flags -> `WorkerOptions`) -> `services/worker/launch.py` -> `engine_config.py` ->
 `services/engines` `create_engine` -> `services/worker/app.py`.
+`up` on a running stack: `stack/reconcile_request.py` builds the new plan, `stack/reconcile.py` diffs it
+against the running one, and a SIGHUP has the supervisor apply it (`stack/reconcile_apply.py`: start, drain
+and restart, stop; the rest untouched).
 
 Models at run time: `stack/lifecycle.py` (in the supervisor's loop) loads and unloads workers by `load`,
 `keep_alive`, `pin` and the memory budget (`stack/budget.py`, footprints from `stack/footprint.py`);

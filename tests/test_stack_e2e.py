@@ -210,8 +210,10 @@ def test_up_chat_status_logs_down(stack: StackFiles) -> None:
     watch.close()
     assert watch.exitstatus == 0
 
-    again = llmstack("up", "--detach", "-c", str(stack.config))
-    assert again.returncode == 3 and "already running" in again.stderr
+    pids = {s.name: s.proc.pid for s in stack.state().services if s.proc}
+    again = llmstack("up", "--detach", "-c", str(stack.config))  # a running stack that matches its file
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
+    assert {s.name: s.proc.pid for s in stack.state().services if s.proc} == pids
 
     logs = llmstack("logs", "-c", str(stack.config), "-n", "100")
     assert logs.returncode == 0

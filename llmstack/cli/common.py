@@ -1,7 +1,7 @@
 """What every command group shares: options defined once, the exit codes, and `fail()`.
 
 Exit codes: 0 success / healthy; 1 a start, download, request or health failure; 2 an invalid stack.toml or
-usage; 3 the machine is not ready for it (port in use, stack already running, not running).
+usage; 3 the machine is not ready for it (port in use, stack still starting or unsupervised, not running).
 """
 
 from __future__ import annotations

@@ -36,12 +36,13 @@ from llmstack.stack.packaged import is_packaged
 from llmstack.stack.plan import (
     Plan,
     RoleName,
+    ServiceSpec,
+    build_plan,
     build_specs,
     exposure_warnings,
     is_local_model,
     key_warnings,
     masked_config,
-    policy_of,
     preflight,
     resolve_models,
     runtime_fields,
@@ -73,6 +74,10 @@ UP_EPILOG = """Examples:
   llmstack up --detach -c examples/two-models.toml
 
   llmstack up --only workers -c examples/remote-worker.toml   # a second machine: just its workers
+
+  llmstack up --dry-run            # on a running stack: what stack.toml's changes would start/restart/stop
+
+  llmstack up                      # on a running stack: apply them (unchanged services keep running)
 """
 
 
@@ -88,9 +93,11 @@ def up(
         bool, typer.Option("--offline", help="Never touch the network: cached or local models only.")
     ] = False,
     run_dir: RunDirOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only print what would change; do nothing.")] = False,
     foreground_supervisor: Annotated[bool, typer.Option("--foreground-supervisor", hidden=True)] = False,
 ) -> None:
-    """Start the stack: controller, then workers, then the API server, then the web UI, each once healthy."""
+    """Start the stack: controller, then workers, then the API server, then the web UI, each once healthy.
+    On a running stack: start what stack.toml adds, restart what it changes (drained first), stop what it drops."""
     if foreground_supervisor:
         if run_dir is None:
             fail("--foreground-supervisor needs --run-dir", EXIT_CONFIG)
@@ -103,24 +110,12 @@ def up(
         fail(str(exc), EXIT_CONFIG)
     rd = RunDir(run_dir) if run_dir else RunDir(run_dir_for(cfg))
     live = running_state(rd)
-    if live is not None:
-        fail(
-            f"stack {live.stack!r} is already running from {rd.root} (see `llmstack status`); "
-            "stop it first with `llmstack down`",
-            EXIT_ENV,
-        )
+    if live is not None or dry_run:
+        from llmstack.stack.reconcile_request import reconcile_running
+
+        raise typer.Exit(reconcile_running(cfg, roles, rd, live, dry_run=dry_run, offline=offline, only=bool(only)))
     specs = build_specs(cfg, roles, None, rd.root)
-    planned = stack_secrets(cfg, rd, roles, generate=False)
-    warnings = exposure_warnings(cfg, specs, planned)
-    if warnings:  # before any other failure, so they are seen on every attempt
-        err.print(Panel("\n".join(warnings), title="[bold]exposed without protection[/]", border_style="bold red"))
-    for warning in key_warnings(cfg):
-        err.print(f"warning: {warning}", markup=False)
-    if "workers" in roles and not cfg.controller.local and "LLMSTACK_CLUSTER_TOKEN" not in planned:
-        err.print(
-            "note: no cluster token set; if the remote controller requires one, set LLMSTACK_CLUSTER_TOKEN",
-            markup=False,
-        )
+    _print_warnings(cfg, rd, roles, specs)  # before any other failure, so they are seen on every attempt
     problems = preflight(cfg, specs)
     if problems:
         for p in problems:
@@ -142,16 +137,8 @@ def up(
             fail(str(exc), EXIT_FAILED)
         timings["resolve_models"] = round(time.monotonic() - t0, 3)
     specs = build_specs(cfg, roles, paths, rd.root)
-    plan = Plan(
-        stack=cfg.stack.name,
-        config_path=str(cfg.source_path) if cfg.source_path else None,
-        run_id=uuid.uuid4().hex,
-        policy=policy_of(cfg),
-        services=specs,
-        api_url=cfg.api.url if cfg.api.enabled else None,
-        controller_url=cfg.controller.url,
-        timings=timings,
-        **runtime_fields(cfg, paths, roles),
+    plan = build_plan(
+        cfg, specs, secrets, run_id=uuid.uuid4().hex, timings=timings, runtime=runtime_fields(cfg, paths, roles)
     )
     runtime_problems(plan, secrets)
     rd.rotate_logs()
@@ -178,6 +165,20 @@ def runtime_problems(plan: Plan, secrets: dict[str, str]) -> None:
         print_error(problem)
     if problems:
         raise typer.Exit(EXIT_CONFIG)
+
+
+def _print_warnings(cfg: StackConfig, rd: RunDir, roles: list[str], specs: list[ServiceSpec]) -> None:
+    planned = stack_secrets(cfg, rd, roles, generate=False)
+    warnings = exposure_warnings(cfg, specs, planned)
+    if warnings:
+        err.print(Panel("\n".join(warnings), title="[bold]exposed without protection[/]", border_style="bold red"))
+    for warning in key_warnings(cfg):
+        err.print(f"warning: {warning}", markup=False)
+    if "workers" in roles and not cfg.controller.local and "LLMSTACK_CLUSTER_TOKEN" not in planned:
+        err.print(
+            "note: no cluster token set; if the remote controller requires one, set LLMSTACK_CLUSTER_TOKEN",
+            markup=False,
+        )
 
 
 def down(

@@ -2,7 +2,7 @@
 exit codes every command shares.
 
 Exit codes: 0 success / healthy; 1 a start, download or health failure; 2 an invalid stack.toml or usage;
-3 the machine is not ready for it (port in use, stack already running, not running).
+3 the machine is not ready for it (port in use, stack still starting or unsupervised, not running).
 """
 
 from __future__ import annotations

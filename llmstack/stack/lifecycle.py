@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from llmstack.common.errors import LLMStackError, NotFound, ServiceUnavailable
 from llmstack.stack.budget import Budget, Busy, Fits, Holder, Never, plan_load
 from llmstack.stack.children import describe_exit
-from llmstack.stack.plan import ModelPlan
+from llmstack.stack.plan import ModelPlan, Plan
 from llmstack.stack.rundir import ServiceState
 
 if TYPE_CHECKING:
@@ -161,6 +161,25 @@ class Lifecycle:
         for m in self.models.values():
             if m.plan.load == "always":
                 m.state, m.loaded_at, m.last_used = LoadState.LOADED, now, now
+        self.snapshot()
+
+    def replan(self, plan: Plan) -> None:
+        """A plan applied to the running stack (`reconcile_apply`): removed models are forgotten, new ones
+        start in their load state (loaded at start: loaded now; else unloaded), the others keep their state
+        and take their new settings."""
+        self.budget = Budget(plan.memory_budget, plan.gpu_memory_budget)
+        now = self.sup.clock.wall()
+        models: dict[str, _Model] = {}
+        for entry in plan.models:
+            m = self.models.get(entry.name)
+            if m is None:
+                m = _Model(entry)
+                if entry.load == "always":
+                    m.state, m.spawned, m.loaded_at, m.last_used = LoadState.LOADED, True, now, now
+            m.plan = entry
+            models[entry.name] = m
+        self.models = models
+        self.by_alias = {alias: m for m in self.models.values() for alias in m.plan.names}
         self.snapshot()
 
     def submit(self, op: Op, name: str, wait_s: float | None = None) -> Future[ModelRow]:

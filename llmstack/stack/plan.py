@@ -6,11 +6,14 @@ The plan is written to the run directory (without secrets) and is all the superv
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import json
 import os
 import sys
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -95,6 +98,9 @@ class Plan(BaseModel):
     memory_budget: int | None = None
     gpu_memory_budget: int | None = None
     admin: AdminPlan = Field(default_factory=lambda: AdminPlan())
+    secret_digests: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="per service, a keyed hash of each secret it gets (secret_digests)"
+    )
 
 
 class RoleName(enum.StrEnum):
@@ -300,6 +306,43 @@ def _worker_specs(
                 )
             )
     return specs
+
+
+def build_plan(
+    cfg: StackConfig,
+    specs: list[ServiceSpec],
+    secrets: dict[str, str],
+    *,
+    run_id: str,
+    timings: dict[str, float],
+    runtime: dict[str, Any] | None = None,
+) -> Plan:
+    """The plan `up` hands the supervisor: for a fresh stack, or the new plan of a running one (same run id).
+    `runtime`: the models-at-run-time fields (`runtime_fields`)."""
+    return Plan(
+        stack=cfg.stack.name,
+        config_path=str(cfg.source_path) if cfg.source_path else None,
+        run_id=run_id,
+        policy=policy_of(cfg),
+        services=specs,
+        api_url=cfg.api.url if cfg.api.enabled else None,
+        controller_url=cfg.controller.url,
+        timings=timings,
+        secret_digests=secret_digests(specs, secrets, run_id),  # lets a later `up` tell a changed key
+        **(runtime or {}),
+    )
+
+
+def secret_digests(specs: list[ServiceSpec], secrets: dict[str, str], salt: str) -> dict[str, dict[str, str]]:
+    """Per service, a keyed hash of each secret it is given: enough to tell a changed key from the same one
+    without writing any key to disk."""
+    out: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        given = {n: secrets[n] for n in spec.secret_env if secrets.get(n)}
+        out[spec.name] = {
+            n: hmac.new(salt.encode(), v.encode(), hashlib.sha256).hexdigest()[:32] for n, v in sorted(given.items())
+        }
+    return out
 
 
 def policy_of(cfg: StackConfig) -> Policy:

@@ -11,6 +11,8 @@ restart schedule, and writes the run state after every change, so other shells s
   service is marked failed, with its last log lines, and left alone.
 - Stop: in tiers (webui+api, then workers, then controller), SIGTERM to each leader so uvicorn drains
   in-flight requests, then SIGKILL to whatever is left of each process tree when the deadline passes.
+- SIGHUP with a new plan in the run directory (`llmstack up` on a running stack): `reconcile_apply.py`
+  applies it between ticks; without one, SIGHUP stops like SIGTERM.
 
 Children run in their own session (process group) and write straight to their log file, so neither a
 Ctrl-C in the terminal nor the death of the supervisor takes them down uncontrolled. The process
@@ -121,6 +123,7 @@ class Supervisor:
             self.slots[spec.name] = _Slot(spec, record)
         self.stop_requested = False
         self.force = False
+        self.reconcile_requested = False
         self._log: IO[str] | None = None
         self.lifecycle = Lifecycle(self)  # models at run time: which workers run when
 
@@ -144,6 +147,15 @@ class Supervisor:
         if self.stop_requested:
             self.force = True
         self.stop_requested = True
+
+    def on_hangup(self, *_: object) -> None:
+        """SIGHUP: apply the new plan `up` left in the run directory; without one, a hangup stops the stack."""
+        from llmstack.stack.reconcile import request_path
+
+        if request_path(self.run_dir).exists():
+            self.reconcile_requested = True
+        else:
+            self.request_stop()
 
     def child_env(self, spec: ServiceSpec) -> dict[str, str]:
         env = {k: v for k, v in self.base_env.items() if k not in SECRET_ENV}
@@ -313,6 +325,11 @@ class Supervisor:
         if on_ready is not None:
             on_ready(self)
         while not self.stop_requested:
+            if self.reconcile_requested:
+                from llmstack.stack.reconcile_apply import apply_pending
+
+                self.reconcile_requested = False
+                apply_pending(self)
             self.tick()
             self._pump()
             self.clock.sleep(self.policy.poll_interval)
@@ -351,9 +368,11 @@ class Supervisor:
 
 
 def install_signal_handlers(sup: Supervisor) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError, OSError):
             signal.signal(sig, sup.request_stop)
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGHUP, sup.on_hangup)
 
 
 def supervisor_argv(run_dir: Path) -> list[str]:
