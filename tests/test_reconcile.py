@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llmstack.stack.config import parse_config
-from llmstack.stack.plan import Plan, Policy, ServiceSpec, build_specs, secret_digests
+from llmstack.stack.plan import ModelPlan, Plan, Policy, ServiceSpec, build_specs, secret_digests
 from llmstack.stack.reconcile import (
     ReconcileRequest,
     ReconcileResult,
@@ -255,3 +255,25 @@ def test_a_port_held_outside_the_stack_is_refused_before_anything_changes() -> N
         ours = _spec("worker-d", "workers", models=["d"])  # port 1: one the running stack holds itself
         problems = port_problems(running, [new, ours])
     assert len(problems) == 1 and f"port {port} (worker-c) is already in use" in problems[0]
+
+
+def test_a_new_on_demand_model_waits_for_its_first_request_and_a_change_does_not_load_it(
+    world: World, tmp_path: Path
+) -> None:
+    sup = _started(world, tmp_path, _base())
+    lazy = ModelPlan(name="c", names=["c"], services=["worker-c"], load="on_demand")
+    plan = _plan(_changed())
+    plan.models = [lazy]
+    result = _apply(sup, plan)
+    assert result.ok and "worker-c" in result.started
+    assert ("spawn", "worker-c") not in world.events  # listed, not loaded
+    assert sup.slots["worker-c"].record.state == ServiceState.UNLOADED
+    assert [row.name for row in sup.lifecycle.rows] == ["c"] and sup.lifecycle.rows[0].state == "unloaded"
+    world.events.clear()
+    changed = _changed()
+    changed[3] = _spec("worker-c", "workers", "--port", "13", "--seed", "3", models=["c"])
+    plan = _plan(changed)
+    plan.models = [lazy]
+    result = _apply(sup, plan)
+    assert result.ok and world.events == []  # its next load uses the new settings
+    assert "--seed" in sup.slots["worker-c"].spec.argv
