@@ -41,6 +41,7 @@ from llmstack.stack.plan import (
     is_local_model,
     key_warnings,
     masked_config,
+    parallel_problems,
     policy_of,
     preflight,
     resolve_models,
@@ -94,13 +95,20 @@ def up(
         if run_dir is None:
             fail("--foreground-supervisor needs --run-dir", EXIT_CONFIG)
         raise typer.Exit(run_supervisor(RunDir(run_dir), echo=False))
+    start_stack(load_stack(config), only, detach=detach, offline=offline, run_dir=run_dir)
+
+
+def start_stack(
+    cfg: StackConfig, only: list[RoleName] | None, *, detach: bool, offline: bool, run_dir: Path | None
+) -> None:
+    """`up` for a loaded configuration (a stack file, or one `ray join` builds): checks, then the supervisor."""
     t_begin = time.monotonic()
-    cfg = load_stack(config)
+    rd = RunDir(run_dir) if run_dir else RunDir(run_dir_for(cfg))
     try:
         roles = selected_roles(cfg, only)
+        specs = build_specs(cfg, roles, None, rd.root)
     except ConfigError as exc:
         fail(str(exc), EXIT_CONFIG)
-    rd = RunDir(run_dir) if run_dir else RunDir(run_dir_for(cfg))
     live = running_state(rd)
     if live is not None:
         fail(
@@ -108,7 +116,6 @@ def up(
             "stop it first with `llmstack down`",
             EXIT_ENV,
         )
-    specs = build_specs(cfg, roles, None, rd.root)
     planned = stack_secrets(cfg, rd, roles, generate=False)
     warnings = exposure_warnings(cfg, specs, planned)
     if warnings:  # before any other failure, so they are seen on every attempt
@@ -129,17 +136,7 @@ def up(
     secrets = stack_secrets(cfg, rd, roles)
 
     timings: dict[str, float] = {"preflight": round(time.monotonic() - t_begin, 3)}
-    paths: list[Path] | None = None
-    if "workers" in roles:
-        from llmstack.services.engines.gguf.header import GGUFError
-        from llmstack.stack.models import DownloadError
-
-        t0 = time.monotonic()
-        try:
-            paths = resolve_models(cfg, offline=offline)
-        except (DownloadError, GGUFError) as exc:  # before anything starts
-            fail(str(exc), EXIT_FAILED)
-        timings["resolve_models"] = round(time.monotonic() - t0, 3)
+    paths = _models_and_cluster(cfg, roles, offline, timings)
     specs = build_specs(cfg, roles, paths, rd.root)
     plan = Plan(
         stack=cfg.stack.name,
@@ -156,6 +153,39 @@ def up(
     if detach:
         raise typer.Exit(start_detached(rd, plan, secrets))
     raise typer.Exit(run_supervisor(rd, echo=True, secrets=secrets))
+
+
+def _models_and_cluster(
+    cfg: StackConfig, roles: list[str], offline: bool, timings: dict[str, float]
+) -> list[Path] | None:
+    """Before anything starts: the models' local paths (downloaded if need be), their parallel sizes checked
+    against them, and the Ray head this node joins reachable and on the same versions."""
+    paths: list[Path] | None = None
+    if "workers" in roles:
+        from llmstack.services.engines.gguf.header import GGUFError
+        from llmstack.stack.models import DownloadError
+
+        t0 = time.monotonic()
+        try:
+            paths = resolve_models(cfg, offline=offline)
+        except (DownloadError, GGUFError) as exc:
+            fail(str(exc), EXIT_FAILED)
+        timings["resolve_models"] = round(time.monotonic() - t0, 3)
+        problems, notes = parallel_problems(cfg, paths)
+        for note in notes:
+            err.print(f"note: {note}", markup=False)
+        if problems:
+            for problem in problems:
+                print_error(problem)
+            raise typer.Exit(EXIT_CONFIG)
+    if "ray" in roles:
+        from llmstack.stack.raynode import RayNodeError, check_join
+
+        try:
+            check_join(cfg.ray, cfg.stack.python)
+        except RayNodeError as exc:
+            fail(str(exc), EXIT_ENV)
+    return paths
 
 
 def down(

@@ -22,3 +22,22 @@ def bearer(token: str | None) -> dict[str, str]:
 
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def tcp_open(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether something accepts TCP connections on host:port (for services without an HTTP health route)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def tcp_target(url: str) -> tuple[str, int] | None:
+    """("10.0.0.5", 6380) from "tcp://10.0.0.5:6380"; None for any other URL."""
+    if not url.startswith("tcp://"):
+        return None
+    host, _, port = url[len("tcp://") :].rpartition(":")
+    return host.strip("[]"), int(port)

@@ -15,10 +15,11 @@ from typing import Protocol
 
 import httpx
 
+from llmstack.common.net import tcp_open, tcp_target
 from llmstack.stack.plan import ServiceSpec
 from llmstack.stack.rundir import ProcRef, Role
 
-STOP_TIERS: tuple[tuple[Role, ...], ...] = (("webui", "api"), ("workers",), ("controller",))
+STOP_TIERS: tuple[tuple[Role, ...], ...] = (("webui", "api"), ("workers",), ("controller",), ("ray",))
 
 
 class Child(Protocol):
@@ -114,6 +115,9 @@ class HTTPHealth:
         self.client = httpx.Client(timeout=timeout, trust_env=False, verify=False)  # self-signed local TLS
 
     def __call__(self, spec: ServiceSpec) -> bool:
+        target = tcp_target(spec.health_url)
+        if target is not None:  # a Ray node: its raylet accepts connections
+            return tcp_open(*target, timeout=1.0)
         try:
             resp = self.client.get(spec.health_url)
         except httpx.HTTPError:

@@ -71,6 +71,7 @@ class Plan(BaseModel):
 
 
 class RoleName(enum.StrEnum):
+    ray = "ray"
     controller = "controller"
     workers = "workers"
     api = "api"
@@ -167,6 +168,7 @@ def service_url(host: str, port: int, tls: bool = False) -> str:
 def selected_roles(cfg: StackConfig, only: list[RoleName] | None) -> list[str]:
     """The roles this machine runs: `--only`, else everything the file enables."""
     available = {
+        "ray": cfg.ray.enabled,
         "controller": cfg.controller.local,
         "workers": bool(cfg.models),
         "api": cfg.api.enabled,
@@ -176,13 +178,14 @@ def selected_roles(cfg: StackConfig, only: list[RoleName] | None) -> list[str]:
     missing = [r for r in wanted if not available[r]]
     if missing:
         why = {
+            "ray": "there is no [ray] section with head = true or an address",
             "controller": "[controller] is disabled or points at a remote address",
             "workers": "there are no [[models]]",
             "api": "[api] enabled = false",
             "webui": "[webui] enabled = false",
         }
         raise ConfigError("; ".join(f"--only {r}: {why[r]}" for r in missing))
-    return [r for r in ("controller", "workers", "api", "webui") if r in wanted]
+    return [r for r in ("ray", "controller", "workers", "api", "webui") if r in wanted]
 
 
 def build_specs(
@@ -193,7 +196,7 @@ def build_specs(
     py = [service_python(cfg), "-m", "llmstack"]
     controller_url = cfg.controller.url
     drain = ["--drain-timeout", f"{cfg.stack.drain_timeout:g}"]
-    specs: list[ServiceSpec] = []
+    specs: list[ServiceSpec] = [ray_spec(cfg)] if "ray" in roles else []
     if "controller" in roles:
         c = cfg.controller
         url = service_url(c.host, c.port, bool(c.ssl.certfile))
@@ -221,7 +224,7 @@ def build_specs(
                         name=name,
                         role="workers",
                         argv=[*py, "worker", *m.args(path, port, controller_url), *drain],
-                        env=dict(m.env),
+                        env=worker_env(cfg, m),
                         host=m.host,
                         port=port,
                         url=m.worker_address or url,
@@ -269,6 +272,41 @@ def build_specs(
             )
         )
     return specs
+
+
+def ray_spec(cfg: StackConfig) -> ServiceSpec:
+    """This host's Ray node (`stack/raynode.py`): the head, or a node joining `[ray] address`."""
+    from llmstack.stack.raynode import health_url, node_env, ray_argv, ray_executable
+
+    r = cfg.ray
+    temp = cfg.resolve_path(r.temp_dir) if r.temp_dir else None
+    try:
+        executable = ray_executable(service_python(cfg))
+    except RuntimeError as exc:
+        raise ConfigError(str(exc)) from None
+    return ServiceSpec(
+        name="ray-head" if r.head else "ray-node",
+        role="ray",
+        argv=ray_argv(r, executable, temp),
+        env=node_env(r.node_ip),
+        host=r.node_ip,
+        port=r.node_manager_port,
+        url=r.head_address if r.head else f"{r.node_ip} -> {r.head_address}",
+        health_url=health_url(r),
+    )
+
+
+def worker_env(cfg: StackConfig, m: ModelSection) -> dict[str, str]:
+    """A worker's environment: its [[models]] env, and when vLLM runs over Ray the cluster's address (else
+    vLLM would start a cluster of its own, on this host only) and what the node's processes get."""
+    from llmstack.services.worker.engine_config import vllm_engine_args
+    from llmstack.stack.raynode import node_env
+
+    env = dict(m.env)
+    if cfg.ray.enabled and vllm_engine_args(m).get("distributed_executor_backend") == "ray":
+        for name, value in {**node_env(cfg.ray.node_ip), "RAY_ADDRESS": cfg.ray.head_address}.items():
+            env.setdefault(name, value)
+    return env
 
 
 def policy_of(cfg: StackConfig) -> Policy:
@@ -325,6 +363,31 @@ def preflight(cfg: StackConfig, specs: list[ServiceSpec]) -> list[str]:
                 f"change the port in {cfg.source_path or DEFAULT_CONFIG}"
             )
     return problems
+
+
+def parallel_problems(cfg: StackConfig, model_paths: list[Path]) -> tuple[list[str], list[str]]:
+    """(problems, notes) of the vLLM workers' parallel sizes against their models' config.json, found before
+    anything starts (vLLM's own check runs only once its engine process is up)."""
+    from llmstack.services.engines.vllm.parallel import (
+        ParallelConfigError,
+        ParallelSizes,
+        check_parallel_sizes,
+        model_shape,
+    )
+    from llmstack.services.worker.engine_config import vllm_engine_args
+
+    problems: list[str] = []
+    notes: list[str] = []
+    for i, (m, path) in enumerate(zip(cfg.models, model_paths, strict=True)):
+        if m.backend != "vllm":
+            continue
+        try:
+            sizes = ParallelSizes.of(vllm_engine_args(m))
+            if sizes.ranks > 1:
+                notes += check_parallel_sizes(sizes, *model_shape(path), where=str(path))
+        except ParallelConfigError as exc:
+            problems.append(f"models[{i}] ({m.served_names[0]}): {exc}")
+    return problems, notes
 
 
 def exposure_warnings(cfg: StackConfig, specs: list[ServiceSpec], secrets: dict[str, str]) -> list[str]:

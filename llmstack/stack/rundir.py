@@ -33,8 +33,8 @@ from llmstack.stack.config import StackConfig
 
 RUN_ID_ENV = "LLMSTACK_RUN_ID"
 STATE_VERSION = 1
-Role = Literal["controller", "workers", "api", "webui"]
-ROLES: tuple[Role, ...] = ("controller", "workers", "api", "webui")
+Role = Literal["ray", "controller", "workers", "api", "webui"]
+ROLES: tuple[Role, ...] = ("ray", "controller", "workers", "api", "webui")
 
 
 def run_dir_for(cfg: StackConfig) -> Path:
