@@ -32,6 +32,9 @@ def join(
         str, typer.Option("--node-ip", help="This host's address as the head and the other nodes reach it.")
     ] = "127.0.0.1",
     num_cpus: Annotated[int | None, typer.Option("--num-cpus", min=1, help="CPUs this node offers.")] = None,
+    num_gpus: Annotated[
+        int | None, typer.Option("--num-gpus", min=0, help="GPUs it offers (a CPU host: the vLLM ranks it takes).")
+    ] = None,
     node_manager_port: Annotated[int, typer.Option("--node-manager-port", help="This node's raylet port.")] = 6380,
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", help="Seconds to wait for the head.")] = 5.0,
     name: Annotated[str, typer.Option("--name", help="Stack name (the run directory's default).")] = "ray-node",
@@ -41,8 +44,9 @@ def join(
     """Join this host to the Ray cluster whose head is HEAD, supervised until stopped (`llmstack down`)."""
     ray: dict[str, object] = {"address": head, "node_ip": node_ip, "node_manager_port": node_manager_port}
     ray["connect_timeout"] = connect_timeout
-    if num_cpus is not None:
-        ray["num_cpus"] = num_cpus
+    for key, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+        if value is not None:
+            ray[key] = value
     data = {
         "stack": {"name": name},
         "controller": {"enabled": False},

@@ -1,0 +1,138 @@
+"""A Ray cluster over two network hosts: the head (with llmstack's controller) in this namespace, a node joining
+from a second one (the veth pair of tests/test_netns_worker.py), each supervised by llmstack.
+
+Checked: the cluster sees both nodes; a node whose head runs another Ray version is refused before it starts;
+the node's Ray process killed is reported by its supervisor, which restarts it and the node rejoins; `down`
+on each host stops its node and leaves no Ray process behind.  Needs root (or CAP_NET_ADMIN) and iproute2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.support.procs import DEFAULT_ENV, REPO_ROOT
+from tests.test_netns_worker import HOST_IP, NS_IP, netns  # noqa: F401 - the namespace fixture
+
+RAY_PORT, NODE_PORT = 26379, 26380
+
+
+def _run(*argv: str, ns: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "llmstack", *argv]
+    if ns is not None:
+        cmd = ["ip", "netns", "exec", ns, *cmd]
+    no_proxy = f"127.0.0.1,localhost,{HOST_IP},{NS_IP}"
+    env = {**os.environ, **DEFAULT_ENV, "COLUMNS": "200", "NO_PROXY": no_proxy, "no_proxy": no_proxy}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+
+
+def _alive_nodes() -> set[str]:
+    """The node addresses the cluster's head counts as alive (asked from a driver of its own)."""
+    address = f"{HOST_IP}:{RAY_PORT}"
+    script = (
+        f"import json, ray; ray.init(address={address!r}, logging_level='ERROR'); "
+        "print(json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _ray_processes(ip: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if ip in cmdline and ("raylet" in cmdline or "gcs_server" in cmdline or "ray start" in cmdline):
+            found.append(proc)
+    return found
+
+
+def _set_head_version(version: str) -> str:
+    """Overwrite the Ray version the head recorded for its cluster (what a joining node is checked against);
+    returns the one it had."""
+    from ray._common.usage import usage_constants
+    from ray._private import ray_constants
+    from ray._raylet import GcsClient
+
+    client = GcsClient(address=f"{HOST_IP}:{RAY_PORT}")
+    key, ns = usage_constants.CLUSTER_METADATA_KEY, ray_constants.KV_NAMESPACE_CLUSTER
+    metadata = json.loads(client.internal_kv_get(key, namespace=ns))
+    old, metadata["ray_version"] = metadata["ray_version"], version
+    client.internal_kv_put(key, json.dumps(metadata).encode(), overwrite=True, namespace=ns)
+    return old
+
+
+@pytest.mark.slow
+def test_ray_cluster_over_two_hosts_is_supervised(netns: str, tmp_path: Path) -> None:  # noqa: F811
+    head_run, node_run = tmp_path / "head-run", tmp_path / "node-run"
+    config = tmp_path / "head.toml"
+    config.write_text(
+        f'[stack]\nname = "ray-head"\nrun_dir = "{head_run}"\n'
+        f'[controller]\nhost = "{HOST_IP}"\nport = 26001\n[api]\nenabled = false\n[webui]\nenabled = false\n'
+        f'[ray]\nhead = true\nnode_ip = "{HOST_IP}"\nport = {RAY_PORT}\nnode_manager_port = {NODE_PORT}\n'
+        "num_cpus = 1\nnum_gpus = 1\n"
+    )
+    join = ["ray", "join", f"{HOST_IP}:{RAY_PORT}", "--node-ip", NS_IP, "--node-manager-port", str(NODE_PORT)]
+    join += ["--num-cpus", "1", "--num-gpus", "1", "--detach", "--run-dir", str(node_run)]
+    try:
+        up = _run("up", "--detach", "-c", str(config), timeout=180)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "ray-head healthy" in up.stdout
+        assert _alive_nodes() == {HOST_IP}
+
+        # a node with another Ray version than the head's is refused before anything starts
+        real = _set_head_version("2.0.0")
+        try:
+            t0 = time.monotonic()
+            bad = _run(*join, ns=netns)
+            assert bad.returncode == 3, bad.stdout + bad.stderr
+            err = " ".join(bad.stderr.split())
+            assert "runs Ray 2.0.0 on Python" in err and f"this host has Ray {real}" in err
+            assert "install `ray==2.0.0`" in err and time.monotonic() - t0 < 30
+        finally:
+            _set_head_version(real)
+
+        joined = _run(*join, ns=netns, timeout=180)
+        assert joined.returncode == 0, joined.stdout + joined.stderr
+        _wait(lambda: _alive_nodes() == {HOST_IP, NS_IP}, 60, "both nodes alive")
+        status = _run("status", "--json", "--run-dir", str(node_run))
+        report = json.loads(status.stdout)
+        assert status.returncode == 0 and report["healthy"], status.stdout
+        assert [s["name"] for s in report["services"]] == ["ray-node"]
+        head_status = json.loads(_run("status", "--json", "-c", str(config)).stdout)
+        assert {s["name"] for s in head_status["services"]} == {"ray-head", "controller"}
+
+        # the node's raylet dies: its supervisor reports it, restarts it, and the node rejoins
+        raylet = next(p for p in _ray_processes(NS_IP) if "raylet" in " ".join(p.cmdline()))
+        raylet.kill()
+        log = node_run / "logs" / "supervisor.log"
+        _wait(lambda: "ray-node exited with exit code 1" in log.read_text(), 60, "the supervisor to see it")
+        _wait(lambda: "ray-node is healthy again" in log.read_text(), 120, "the node to be restarted")
+        _wait(lambda: NS_IP in _alive_nodes(), 90, "the node to rejoin")
+    except BaseException:
+        for run in (head_run, node_run):
+            for f in sorted((run / "logs").glob("*.log")) if (run / "logs").is_dir() else []:
+                print(f"--- {f}\n{f.read_text()[-3000:]}")
+        raise
+    finally:
+        down_node = _run("down", "--run-dir", str(node_run), "--timeout", "10")
+        down_head = _run("down", "-c", str(config), "--timeout", "10")
+    assert down_node.returncode == 0 and down_head.returncode == 0, down_node.stderr + down_head.stderr
+    _wait(lambda: not _ray_processes(NS_IP) and not _ray_processes(HOST_IP), 30, "every Ray process to end")
