@@ -370,7 +370,8 @@ def config_check(
     console.print(t)
     console.print("commands (secrets travel in the environment, not here):")
     for s in specs:
-        console.print(f"  {s.name}: {' '.join(['llmstack', *s.argv[3:]])}", markup=False, soft_wrap=True)
+        shown = s.argv if s.role == "ray" else ["llmstack", *s.argv[3:]]  # the others run `python -m llmstack`
+        console.print(f"  {s.name}: {' '.join(shown)}", markup=False, soft_wrap=True)
     for m, report in zip(cfg.models, reports, strict=True):
         where = (
             "pypi package" if is_packaged(m.model) else "local" if is_local_model(cfg, m.model, m.source) else m.source
