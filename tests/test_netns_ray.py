@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import psutil
 import pytest
@@ -25,25 +26,37 @@ from tests.test_netns_worker import HOST_IP, NS_IP, netns  # noqa: F401 - the na
 RAY_PORT, NODE_PORT = 26379, 26380
 
 
-def _run(*argv: str, ns: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _env(token: str | None = None) -> dict[str, str]:
+    no_proxy = f"127.0.0.1,localhost,{HOST_IP},{NS_IP}"
+    env = {**os.environ, **DEFAULT_ENV, "COLUMNS": "200", "NO_PROXY": no_proxy, "no_proxy": no_proxy}
+    env.pop("LLMSTACK_CLUSTER_TOKEN", None)
+    if token is not None:  # the head's cluster token, which is also its Ray token
+        env.update({"LLMSTACK_CLUSTER_TOKEN": token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    return env
+
+
+def _run(*argv: str, ns: str | None = None, token: str | None = None, timeout: float = 120) -> CompletedProcess:
     cmd = [sys.executable, "-m", "llmstack", *argv]
     if ns is not None:
         cmd = ["ip", "netns", "exec", ns, *cmd]
-    no_proxy = f"127.0.0.1,localhost,{HOST_IP},{NS_IP}"
-    env = {**os.environ, **DEFAULT_ENV, "COLUMNS": "200", "NO_PROXY": no_proxy, "no_proxy": no_proxy}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(token), cwd=REPO_ROOT, timeout=timeout)
 
 
-def _alive_nodes() -> set[str]:
+def _ray_python(script: str, token: str) -> str:
+    """Run `script` in a Python of its own with the cluster's Ray token; its last line of output."""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(token), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _alive_nodes(token: str) -> set[str]:
     """The node addresses the cluster's head counts as alive (asked from a driver of its own)."""
     address = f"{HOST_IP}:{RAY_PORT}"
     script = (
         f"import json, ray; ray.init(address={address!r}, logging_level='ERROR'); "
         "print(json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+    return set(json.loads(_ray_python(script, token)))
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -64,19 +77,22 @@ def _ray_processes(ip: str) -> list[psutil.Process]:
     return found
 
 
-def _set_head_version(version: str) -> str:
+def _set_head_version(version: str, token: str) -> str:
     """Overwrite the Ray version the head recorded for its cluster (what a joining node is checked against);
     returns the one it had."""
-    from ray._common.usage import usage_constants
-    from ray._private import ray_constants
-    from ray._raylet import GcsClient
-
-    client = GcsClient(address=f"{HOST_IP}:{RAY_PORT}")
-    key, ns = usage_constants.CLUSTER_METADATA_KEY, ray_constants.KV_NAMESPACE_CLUSTER
-    metadata = json.loads(client.internal_kv_get(key, namespace=ns))
-    old, metadata["ray_version"] = metadata["ray_version"], version
-    client.internal_kv_put(key, json.dumps(metadata).encode(), overwrite=True, namespace=ns)
-    return old
+    script = f"""
+import json
+from ray._common.usage import usage_constants
+from ray._private import ray_constants
+from ray._raylet import GcsClient
+client = GcsClient(address="{HOST_IP}:{RAY_PORT}")
+key, ns = usage_constants.CLUSTER_METADATA_KEY, ray_constants.KV_NAMESPACE_CLUSTER
+metadata = json.loads(client.internal_kv_get(key, namespace=ns))
+old, metadata["ray_version"] = metadata["ray_version"], {version!r}
+client.internal_kv_put(key, json.dumps(metadata).encode(), overwrite=True, namespace=ns)
+print(old)
+"""
+    return _ray_python(script, token)
 
 
 @pytest.mark.slow
@@ -95,23 +111,33 @@ def test_ray_cluster_over_two_hosts_is_supervised(netns: str, tmp_path: Path) ->
         up = _run("up", "--detach", "-c", str(config), timeout=180)
         assert up.returncode == 0, up.stdout + up.stderr
         assert "ray-head healthy" in up.stdout
-        assert _alive_nodes() == {HOST_IP}
+        token = (head_run / "cluster_token").read_text().strip()
+        assert _alive_nodes(token) == {HOST_IP}
+
+        # errors in seconds, before a node starts: no token, a wrong one, no head at that port
+        for given, message in ((None, "needs its token"), ("wrong-token", "refused this host's token")):
+            r = _run(*join, ns=netns, token=given)
+            assert r.returncode == 3 and message in " ".join(r.stderr.split()), r.stdout + r.stderr
+        t0 = time.monotonic()
+        wrong_port = [*join[:2], f"{HOST_IP}:{RAY_PORT + 7}", *join[3:]]
+        r = _run(*wrong_port, ns=netns, token=token)
+        assert r.returncode == 3 and "does not answer" in r.stderr and time.monotonic() - t0 < 20, r.stderr
 
         # a node with another Ray version than the head's is refused before anything starts
-        real = _set_head_version("2.0.0")
+        real = _set_head_version("2.0.0", token)
         try:
             t0 = time.monotonic()
-            bad = _run(*join, ns=netns)
+            bad = _run(*join, ns=netns, token=token)
             assert bad.returncode == 3, bad.stdout + bad.stderr
             err = " ".join(bad.stderr.split())
             assert "runs Ray 2.0.0 on Python" in err and f"this host has Ray {real}" in err
             assert "install `ray==2.0.0`" in err and time.monotonic() - t0 < 30
         finally:
-            _set_head_version(real)
+            _set_head_version(real, token)
 
-        joined = _run(*join, ns=netns, timeout=180)
+        joined = _run(*join, ns=netns, token=token, timeout=180)
         assert joined.returncode == 0, joined.stdout + joined.stderr
-        _wait(lambda: _alive_nodes() == {HOST_IP, NS_IP}, 60, "both nodes alive")
+        _wait(lambda: _alive_nodes(token) == {HOST_IP, NS_IP}, 60, "both nodes alive")
         status = _run("status", "--json", "--run-dir", str(node_run))
         report = json.loads(status.stdout)
         assert status.returncode == 0 and report["healthy"], status.stdout
@@ -125,7 +151,7 @@ def test_ray_cluster_over_two_hosts_is_supervised(netns: str, tmp_path: Path) ->
         log = node_run / "logs" / "supervisor.log"
         _wait(lambda: "ray-node exited with exit code 1" in log.read_text(), 60, "the supervisor to see it")
         _wait(lambda: "ray-node is healthy again" in log.read_text(), 120, "the node to be restarted")
-        _wait(lambda: NS_IP in _alive_nodes(), 90, "the node to rejoin")
+        _wait(lambda: NS_IP in _alive_nodes(token), 90, "the node to rejoin")
     except BaseException:
         for run in (head_run, node_run):
             for f in sorted((run / "logs").glob("*.log")) if (run / "logs").is_dir() else []:

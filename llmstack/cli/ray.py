@@ -29,8 +29,9 @@ JOIN_EPILOG = """Examples:
 def join(
     head: Annotated[str, typer.Argument(help="The head's host:port (its Ray port, default 6379).")],
     node_ip: Annotated[
-        str, typer.Option("--node-ip", help="This host's address as the head and the other nodes reach it.")
-    ] = "127.0.0.1",
+        str | None,
+        typer.Option("--node-ip", help="This host's address as the other nodes reach it (default: toward HEAD)."),
+    ] = None,
     num_cpus: Annotated[int | None, typer.Option("--num-cpus", min=1, help="CPUs this node offers.")] = None,
     num_gpus: Annotated[
         int | None, typer.Option("--num-gpus", min=0, help="GPUs it offers (a CPU host: the vLLM ranks it takes).")
@@ -42,9 +43,9 @@ def join(
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default ~/.llmstack/NAME).")] = None,
 ) -> None:
     """Join this host to the Ray cluster whose head is HEAD, supervised until stopped (`llmstack down`)."""
-    ray: dict[str, object] = {"address": head, "node_ip": node_ip, "node_manager_port": node_manager_port}
+    ray: dict[str, object] = {"address": head, "node_manager_port": node_manager_port}
     ray["connect_timeout"] = connect_timeout
-    for key, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+    for key, value in (("node_ip", node_ip), ("num_cpus", num_cpus), ("num_gpus", num_gpus)):
         if value is not None:
             ray[key] = value
     data = {

@@ -136,7 +136,7 @@ def start_stack(
     secrets = stack_secrets(cfg, rd, roles)
 
     timings: dict[str, float] = {"preflight": round(time.monotonic() - t_begin, 3)}
-    paths = _models_and_cluster(cfg, roles, offline, timings)
+    paths = _models_and_cluster(cfg, roles, offline, timings, secrets.get("RAY_AUTH_TOKEN"))
     specs = build_specs(cfg, roles, paths, rd.root)
     plan = Plan(
         stack=cfg.stack.name,
@@ -156,7 +156,7 @@ def start_stack(
 
 
 def _models_and_cluster(
-    cfg: StackConfig, roles: list[str], offline: bool, timings: dict[str, float]
+    cfg: StackConfig, roles: list[str], offline: bool, timings: dict[str, float], ray_token: str | None
 ) -> list[Path] | None:
     """Before anything starts: the models' local paths (downloaded if need be), their parallel sizes checked
     against them, and the Ray head this node joins reachable and on the same versions."""
@@ -182,7 +182,7 @@ def _models_and_cluster(
         from llmstack.stack.raynode import RayNodeError, check_join
 
         try:
-            check_join(cfg.ray, cfg.stack.python)
+            check_join(cfg.ray, ray_token, cfg.stack.python)
         except RayNodeError as exc:
             fail(str(exc), EXIT_ENV)
     return paths

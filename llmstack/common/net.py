@@ -3,6 +3,8 @@ free, whether a service answers its health check."""
 
 from __future__ import annotations
 
+import contextlib
+
 ALL_INTERFACES = ("0.0.0.0", "::")
 
 
@@ -41,3 +43,14 @@ def tcp_target(url: str) -> tuple[str, int] | None:
         return None
     host, _, port = url[len("tcp://") :].rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def outward_ip(toward: str | None = None) -> str:
+    """This host's address on the route toward `toward` (default: the default route), as Ray picks its node
+    address; the host name's address when there is no such route."""
+    import socket
+
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((toward.strip("[]") if toward else "8.8.8.8", 80))  # UDP: nothing is sent
+        return str(sock.getsockname()[0])
+    return socket.gethostbyname(socket.gethostname())

@@ -220,7 +220,9 @@ class RaySection(_Section):
 
     head: bool = Field(False, description="this host starts the Ray cluster")
     address: str | None = Field(None, description='the head\'s host:port, on a joining host ("10.0.0.5:6379")')
-    node_ip: str = Field("127.0.0.1", description="this host's address as the other nodes reach it")
+    node_ip: str | None = Field(
+        None, description="this host's address as the other nodes reach it; default: the one with the default route"
+    )
     port: Port = Field(6379, description="head: the cluster's (GCS) port")
     node_manager_port: Port = Field(6380, description="this node's raylet port (its health check)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs this node offers; default: Ray's count")
@@ -237,6 +239,18 @@ class RaySection(_Section):
             raise ValueError('must be the head\'s host:port, such as "10.0.0.5:6379"')
         return value
 
+    @field_validator("node_ip")
+    @classmethod
+    def _not_loopback(cls, value: str | None) -> str | None:
+        from llmstack.common.net import is_loopback
+
+        if value is not None and is_loopback(value):
+            raise ValueError(
+                "must be an address the other hosts reach, not loopback (Ray replaces a loopback address by "
+                "this host's own, which it then does not listen on)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _one_role(self) -> RaySection:
         if self.head and self.address:
@@ -248,9 +262,16 @@ class RaySection(_Section):
         return self.head or self.address is not None
 
     @property
+    def ip(self) -> str:
+        """This node's address: `node_ip`, else the one this host reaches the head (or the world) from."""
+        from llmstack.common.net import outward_ip
+
+        return self.node_ip or outward_ip(self.address.rpartition(":")[0] if self.address else None)
+
+    @property
     def head_address(self) -> str:
         """host:port of the cluster's head, as vLLM's Ray executor and joining nodes reach it."""
-        return self.address or f"{self.node_ip}:{self.port}"
+        return self.address or f"{self.ip}:{self.port}"
 
 
 class StackConfig(_Section):

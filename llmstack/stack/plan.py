@@ -28,6 +28,7 @@ from llmstack.stack.rundir import (
 #: Environment variables that carry secrets; children get only those their spec grants.
 SECRET_ENV = (
     "LLMSTACK_CLUSTER_TOKEN", "LLMSTACK_API_KEYS", "LLMSTACK_API_KEY_RULES", "LLMSTACK_API_KEY", "LLMSTACK_WEBUI_AUTH",
+    "RAY_AUTH_TOKEN",
 )  # fmt: skip
 
 
@@ -230,7 +231,7 @@ def build_specs(
                         url=m.worker_address or url,
                         health_url=f"{url}/health",
                         models=m.served_names,
-                        secret_env=["LLMSTACK_CLUSTER_TOKEN"],
+                        secret_env=["LLMSTACK_CLUSTER_TOKEN", *(["RAY_AUTH_TOKEN"] if over_ray(cfg, m) else [])],
                     )
                 )
             served += m.served_names
@@ -288,23 +289,30 @@ def ray_spec(cfg: StackConfig) -> ServiceSpec:
         name="ray-head" if r.head else "ray-node",
         role="ray",
         argv=ray_argv(r, executable, temp),
-        env=node_env(r.node_ip),
-        host=r.node_ip,
+        env=node_env(r.ip),
+        secret_env=["RAY_AUTH_TOKEN"],
+        host=r.ip,
         port=r.node_manager_port,
-        url=r.head_address if r.head else f"{r.node_ip} -> {r.head_address}",
+        url=r.head_address if r.head else f"{r.ip} -> {r.head_address}",
         health_url=health_url(r),
     )
+
+
+def over_ray(cfg: StackConfig, m: ModelSection) -> bool:
+    """Whether this model's vLLM runs its ranks on the stack's Ray cluster."""
+    from llmstack.services.worker.engine_config import vllm_engine_args
+
+    return cfg.ray.enabled and vllm_engine_args(m).get("distributed_executor_backend") == "ray"
 
 
 def worker_env(cfg: StackConfig, m: ModelSection) -> dict[str, str]:
     """A worker's environment: its [[models]] env, and when vLLM runs over Ray the cluster's address (else
     vLLM would start a cluster of its own, on this host only) and what the node's processes get."""
-    from llmstack.services.worker.engine_config import vllm_engine_args
     from llmstack.stack.raynode import node_env
 
     env = dict(m.env)
-    if cfg.ray.enabled and vllm_engine_args(m).get("distributed_executor_backend") == "ray":
-        for name, value in {**node_env(cfg.ray.node_ip), "RAY_ADDRESS": cfg.ray.head_address}.items():
+    if over_ray(cfg, m):
+        for name, value in {**node_env(cfg.ray.ip), "RAY_ADDRESS": cfg.ray.head_address}.items():
             env.setdefault(name, value)
     return env
 
@@ -327,10 +335,12 @@ def stack_secrets(cfg: StackConfig, rd: RunDir, roles: list[str], *, generate: b
     (`generate=False`: only say that there will be one)."""
     out: dict[str, str] = {}
     token = os.environ.get("LLMSTACK_CLUSTER_TOKEN") or cfg.stack.cluster_token
-    if not token and cfg.controller.local:
+    if not token and (cfg.controller.local or cfg.ray.head):
         token = rd.cluster_token() if generate else "<generated>"
     if token:
         out["LLMSTACK_CLUSTER_TOKEN"] = token
+        if cfg.ray.enabled:  # Ray's own token authentication: the nodes of one stack share the cluster token
+            out["RAY_AUTH_TOKEN"] = token
     keys = cfg.api.api_keys or [k for k in os.environ.get("LLMSTACK_API_KEYS", "").split(",") if k.strip()]
     if keys:
         out["LLMSTACK_API_KEYS"] = ",".join(keys)

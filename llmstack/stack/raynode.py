@@ -19,7 +19,8 @@ from llmstack.stack.config import RaySection
 
 INSTALL_HINT = 'Ray is not installed for {python}: install it with `pip install "llmstack[ray]"`'
 #: Ray's own telemetry stays off; vLLM's CPU platform may run over Ray (services/engines/vllm/ray_platform.py).
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "LLMSTACK_VLLM_CPU_RAY": "1"}
+#: Ray's token authentication is on: RAY_AUTH_TOKEN (the stack's cluster token) travels as a secret.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "LLMSTACK_VLLM_CPU_RAY": "1", "RAY_AUTH_MODE": "token"}
 
 
 class RayNodeError(RuntimeError):
@@ -39,7 +40,7 @@ def ray_executable(python: str) -> str:
 
 def ray_argv(ray: RaySection, executable: str, temp_dir: Path | None = None) -> list[str]:
     """`ray start` for this node: foreground (`--block`), no dashboard, fixed ports where they are checked."""
-    argv = [executable, "start", "--block", "--disable-usage-stats", "--node-ip-address", ray.node_ip]
+    argv = [executable, "start", "--block", "--disable-usage-stats", "--node-ip-address", ray.ip]
     argv += ["--node-manager-port", str(ray.node_manager_port)]
     if ray.head:
         argv += ["--head", "--port", str(ray.port), "--include-dashboard", "false"]
@@ -69,7 +70,7 @@ def node_env(ip: str) -> dict[str, str]:
 
 def health_url(ray: RaySection) -> str:
     """The node is up once its raylet accepts connections (it registers with the head before listening)."""
-    host = f"[{ray.node_ip}]" if ":" in ray.node_ip else ray.node_ip
+    host = f"[{ray.ip}]" if ":" in ray.ip else ray.ip
     return f"tcp://{host}:{ray.node_manager_port}"
 
 
@@ -89,13 +90,25 @@ def check_head_reachable(ray: RaySection) -> None:
         )
 
 
-def head_versions(address: str) -> tuple[str, str] | None:
-    """(Ray version, Python version) the head's cluster was started with, from its GCS; None if unrecorded."""
+def head_versions(address: str, token: str) -> tuple[str, str] | None:
+    """(Ray version, Python version) the head's cluster was started with, from its GCS; None if unrecorded.
+    Raises `RayNodeError` when the head refuses the token."""
+    import os
+
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})  # read when Ray's core loads
     from ray._common.usage.usage_lib import get_cluster_metadata
     from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError, RpcError
 
     try:
         metadata = get_cluster_metadata(GcsClient(address=address))
+    except AuthenticationError:
+        raise RayNodeError(
+            f"the Ray head at {address} refused this host's token: set LLMSTACK_CLUSTER_TOKEN to the head's "
+            "cluster token (the cluster_token file in the head's run directory)"
+        ) from None
+    except RpcError as exc:
+        raise RayNodeError(f"{address} answers, but not as a Ray head ({exc}); check [ray] address") from None
     except (AttributeError, ValueError, json.JSONDecodeError):
         return None
     return str(metadata.get("ray_version")), str(metadata.get("python_version"))
@@ -120,10 +133,16 @@ def version_problem(head: tuple[str, str], here: tuple[str, str], address: str) 
     )
 
 
-def check_join(ray: RaySection, python: str | None = None) -> None:
-    """Before a node joins: the head answers, and runs the same Ray and Python as this host."""
+def check_join(ray: RaySection, token: str | None, python: str | None = None) -> None:
+    """Before a node joins: it has the cluster's token, the head answers, and runs the same Ray and Python as
+    this host."""
     if ray.head:
         return
+    if not token:
+        raise RayNodeError(
+            "joining a Ray cluster needs its token: set LLMSTACK_CLUSTER_TOKEN to the head's cluster token (the "
+            "cluster_token file in the head's run directory, or its [stack] cluster_token)"
+        )
     check_head_reachable(ray)
     if python not in (None, sys.executable):
         return  # the services run another interpreter: Ray's own check at join time applies
@@ -131,7 +150,7 @@ def check_join(ray: RaySection, python: str | None = None) -> None:
         here = local_versions()
     except ImportError:
         raise RayNodeError(INSTALL_HINT.format(python=sys.executable)) from None
-    head = head_versions(ray.head_address)
+    head = head_versions(ray.head_address, token)
     problem = version_problem(head, here, ray.head_address) if head else None
     if problem:
         raise RayNodeError(problem)
