@@ -162,3 +162,70 @@ def test_ray_cluster_over_two_hosts_is_supervised(netns: str, tmp_path: Path) ->
         down_head = _run("down", "-c", str(config), "--timeout", "10")
     assert down_node.returncode == 0 and down_head.returncode == 0, down_node.stderr + down_head.stderr
     _wait(lambda: not _ray_processes(NS_IP) and not _ray_processes(HOST_IP), 30, "every Ray process to end")
+
+
+def _platform_plugin_installed() -> None:
+    from importlib.metadata import entry_points
+
+    names = [e.value for e in entry_points(group="vllm.platform_plugins")]
+    if "llmstack.services.engines.vllm.ray_platform:register" not in names:
+        pytest.fail("vLLM does not see llmstack's platform plugin: reinstall llmstack (`pip install -e .`)")
+
+
+@pytest.mark.slow
+def test_one_model_split_over_two_hosts_serves_a_chat(netns: str, tmp_path: Path, tiny_model_dir: Path) -> None:  # noqa: F811
+    """vLLM pipeline parallel 2 over the Ray cluster (one stage per host) answers as one rank does."""
+    import openai
+
+    _platform_plugin_installed()
+    head_run, node_run = tmp_path / "head-run", tmp_path / "node-run"
+    config = tmp_path / "head.toml"
+    engine = 'dtype = "float32"\nmax_model_len = 512\nengine_args = { kv_cache_memory_bytes = 67108864 }\n'
+    config.write_text(
+        f'[stack]\nname = "ray-pp"\nrun_dir = "{head_run}"\n[controller]\nport = 26101\n'
+        f"[api]\nport = 26102\n[webui]\nenabled = false\n"
+        f'[ray]\nhead = true\nnode_ip = "{HOST_IP}"\nport = {RAY_PORT}\nnode_manager_port = {NODE_PORT}\n'
+        "num_cpus = 1\nnum_gpus = 1\n"
+        f'[[models]]\nmodel = "{tiny_model_dir}"\nsource = "local"\nbackend = "vllm"\nnames = ["split"]\n'
+        f'pipeline_parallel_size = 2\ndistributed_executor_backend = "ray"\n{engine}'
+        f'[[models]]\nmodel = "{tiny_model_dir}"\nsource = "local"\nbackend = "vllm"\nnames = ["whole"]\n{engine}'
+    )
+    join = ["ray", "join", f"{HOST_IP}:{RAY_PORT}", "--node-ip", NS_IP, "--node-manager-port", str(NODE_PORT)]
+    join += ["--num-cpus", "1", "--num-gpus", "1", "--detach", "--run-dir", str(node_run)]
+    up = subprocess.Popen(
+        [sys.executable, "-m", "llmstack", "up", "--detach", "-c", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO_ROOT,
+    )  # fmt: skip
+    try:
+        from llmstack.common.net import tcp_open
+
+        _wait(lambda: tcp_open(HOST_IP, NODE_PORT) or up.poll() is not None, 120, "the head's raylet")
+        assert up.poll() is None, up.communicate()[0]
+        token = (head_run / "cluster_token").read_text().strip()
+        joined = _run(*join, ns=netns, token=token, timeout=180)
+        assert joined.returncode == 0, joined.stdout + joined.stderr
+        out, _ = up.communicate(timeout=600)
+        assert up.returncode == 0, out
+        client = openai.OpenAI(base_url="http://127.0.0.1:26102/v1", api_key="none", max_retries=0, timeout=120)
+        replies = {}
+        for model in ("split", "whole"):
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Tell me about Beijing."}], temperature=0,
+                max_tokens=24,
+            )  # fmt: skip
+            assert reply.usage is not None and reply.usage.completion_tokens > 0
+            replies[model] = reply.choices[0].message.content
+        assert replies["split"] == replies["whole"]
+        log = (head_run / "logs" / "worker-split.log").read_text()
+        assert NS_IP in log  # a stage ran on the other host
+    except BaseException:
+        for run in (head_run, node_run):
+            for f in sorted((run / "logs").glob("*.log")) if (run / "logs").is_dir() else []:
+                print(f"--- {f}\n{f.read_text()[-4000:]}")
+        raise
+    finally:
+        if up.poll() is None:
+            up.kill()
+        _run("down", "--run-dir", str(node_run), "--timeout", "10")
+        _run("down", "-c", str(config), "--timeout", "10")
+    _wait(lambda: not _ray_processes(NS_IP) and not _ray_processes(HOST_IP), 30, "every Ray process to end")
