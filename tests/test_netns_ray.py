@@ -174,7 +174,9 @@ def _platform_plugin_installed() -> None:
 
 @pytest.mark.slow
 def test_one_model_split_over_two_hosts_serves_a_chat(netns: str, tmp_path: Path, tiny_model_dir: Path) -> None:  # noqa: F811
-    """vLLM pipeline parallel 2 over the Ray cluster (one stage per host) answers as one rank does."""
+    """vLLM pipeline parallel 2 over the Ray cluster (one stage per host) answers as one rank does; when the
+    second host's Ray dies mid-stream, the stream ends with an error (the API server's stream_timeout: the
+    engine over Ray does not fail by itself) and that host's supervisor restarts its node."""
     import openai
 
     _platform_plugin_installed()
@@ -218,6 +220,32 @@ def test_one_model_split_over_two_hosts_serves_a_chat(netns: str, tmp_path: Path
         assert replies["split"] == replies["whole"]
         log = (head_run / "logs" / "worker-split.log").read_text()
         assert NS_IP in log  # a stage ran on the other host
+        for model in ("whole", "split"):  # what the hop between hosts costs per token
+            t0 = time.monotonic()
+            reply = client.completions.create(
+                model=model, prompt="Once upon a time", max_tokens=128, temperature=0, extra_body={"ignore_eos": True}
+            )
+            assert reply.usage is not None
+            print(f"\n{model}: {reply.usage.completion_tokens / (time.monotonic() - t0):.1f} tok/s (1 stream)")
+
+        # the second host's Ray dies mid-stream: the stream ends with an error, the supervisors say so
+        stream = client.chat.completions.create(
+            model="split", messages=[{"role": "user", "content": "hi"}], max_tokens=400, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        raylet = next(p for p in _ray_processes(NS_IP) if "raylet" in " ".join(p.cmdline()))
+        got, error = 0, None
+        try:
+            for _chunk in stream:
+                got += 1
+                if got == 5:
+                    raylet.kill()
+        except openai.APIError as exc:
+            error = exc
+        assert isinstance(error, openai.APIError) and "stopped answering during generation" in str(error), got
+        node_log = node_run / "logs" / "supervisor.log"
+        _wait(lambda: "ray-node exited with exit code 1" in node_log.read_text(), 60, "the node's supervisor")
+        _wait(lambda: "ray-node is healthy again" in node_log.read_text(), 120, "the node's restart")
     except BaseException:
         for run in (head_run, node_run):
             for f in sorted((run / "logs").glob("*.log")) if (run / "logs").is_dir() else []:
