@@ -185,7 +185,7 @@ def test_one_model_split_over_two_hosts_serves_a_chat(netns: str, tmp_path: Path
     engine = 'dtype = "float32"\nmax_model_len = 512\nengine_args = { kv_cache_memory_bytes = 67108864 }\n'
     config.write_text(
         f'[stack]\nname = "ray-pp"\nrun_dir = "{head_run}"\n[controller]\nport = 26101\n'
-        f"[api]\nport = 26102\n[webui]\nenabled = false\n"
+        f"[api]\nport = 26102\nstream_timeout = 10\n[webui]\nenabled = false\n"
         f'[ray]\nhead = true\nnode_ip = "{HOST_IP}"\nport = {RAY_PORT}\nnode_manager_port = {NODE_PORT}\n'
         "num_cpus = 1\nnum_gpus = 1\n"
         f'[[models]]\nmodel = "{tiny_model_dir}"\nsource = "local"\nbackend = "vllm"\nnames = ["split"]\n'
