@@ -213,28 +213,9 @@ def build_specs(
                 secret_env=["LLMSTACK_CLUSTER_TOKEN"],
             )
         )
-    served: list[str] = []
-    if "workers" in roles:
-        entries = zip(cfg.models, cfg.worker_ports(), worker_service_names(cfg), strict=True)
-        for i, (m, ports, names) in enumerate(entries):
-            path = str(model_paths[i]) if model_paths is not None else m.model
-            for port, name in zip(ports, names, strict=True):
-                url = service_url(m.host, port)
-                specs.append(
-                    ServiceSpec(
-                        name=name,
-                        role="workers",
-                        argv=[*py, "worker", *m.args(path, port, controller_url), *drain],
-                        env=worker_env(cfg, m),
-                        host=m.host,
-                        port=port,
-                        url=m.worker_address or url,
-                        health_url=f"{url}/health",
-                        models=m.served_names,
-                        secret_env=["LLMSTACK_CLUSTER_TOKEN", *(["RAY_AUTH_TOKEN"] if over_ray(cfg, m) else [])],
-                    )
-                )
-            served += m.served_names
+    workers = worker_specs(cfg, model_paths, py, drain) if "workers" in roles else []
+    specs += workers
+    served = list(dict.fromkeys(name for w in workers for name in w.models))
     if "api" in roles:
         a = cfg.api
         url = service_url(a.host, a.port, bool(a.ssl.certfile))
@@ -272,6 +253,33 @@ def build_specs(
                 secret_env=["LLMSTACK_API_KEY", "LLMSTACK_WEBUI_AUTH"],
             )
         )
+    return specs
+
+
+def worker_specs(
+    cfg: StackConfig, model_paths: list[Path] | None, py: list[str], drain: list[str]
+) -> list[ServiceSpec]:
+    """One service per model entry and replica (`model_paths=None`: model ids instead of local paths)."""
+    specs: list[ServiceSpec] = []
+    entries = zip(cfg.models, cfg.worker_ports(), worker_service_names(cfg), strict=True)
+    for i, (m, ports, names) in enumerate(entries):
+        path = str(model_paths[i]) if model_paths is not None else m.model
+        for port, name in zip(ports, names, strict=True):
+            url = service_url(m.host, port)
+            specs.append(
+                ServiceSpec(
+                    name=name,
+                    role="workers",
+                    argv=[*py, "worker", *m.args(path, port, cfg.controller.url), *drain],
+                    env=worker_env(cfg, m),
+                    host=m.host,
+                    port=port,
+                    url=m.worker_address or url,
+                    health_url=f"{url}/health",
+                    models=m.served_names,
+                    secret_env=["LLMSTACK_CLUSTER_TOKEN", *(["RAY_AUTH_TOKEN"] if over_ray(cfg, m) else [])],
+                )
+            )
     return specs
 
 
