@@ -20,7 +20,7 @@ from subprocess import CompletedProcess
 import psutil
 import pytest
 
-from tests.support.procs import DEFAULT_ENV, REPO_ROOT
+from tests.support.procs import DEFAULT_ENV, REPO_ROOT, free_port
 from tests.test_netns_worker import HOST_IP, NS_IP, netns  # noqa: F401 - the namespace fixture
 
 RAY_PORT, NODE_PORT = 26379, 26380
@@ -173,6 +173,7 @@ def _platform_plugin_installed() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two vLLM engines start side by side on 2 cores
 def test_one_model_split_over_two_hosts_serves_a_chat(netns: str, tmp_path: Path, tiny_model_dir: Path) -> None:  # noqa: F811
     """vLLM pipeline parallel 2 over the Ray cluster (one stage per host) answers as one rank does; when the
     second host's Ray dies mid-stream, the stream ends with an error (the API server's stream_timeout: the
@@ -183,14 +184,15 @@ def test_one_model_split_over_two_hosts_serves_a_chat(netns: str, tmp_path: Path
     head_run, node_run = tmp_path / "head-run", tmp_path / "node-run"
     config = tmp_path / "head.toml"
     engine = 'dtype = "float32"\nmax_model_len = 512\nengine_args = { kv_cache_memory_bytes = 67108864 }\n'
+    controller, api, split, whole = (free_port() for _ in range(4))  # never the defaults another stack may hold
     config.write_text(
-        f'[stack]\nname = "ray-pp"\nrun_dir = "{head_run}"\n[controller]\nport = 26101\n'
-        f"[api]\nport = 26102\nstream_timeout = 10\n[webui]\nenabled = false\n"
+        f'[stack]\nname = "ray-pp"\nrun_dir = "{head_run}"\n[controller]\nport = {controller}\n'
+        f"[api]\nport = {api}\nstream_timeout = 10\n[webui]\nenabled = false\n"
         f'[ray]\nhead = true\nnode_ip = "{HOST_IP}"\nport = {RAY_PORT}\nnode_manager_port = {NODE_PORT}\n'
         "num_cpus = 1\nnum_gpus = 1\n"
-        f'[[models]]\nmodel = "{tiny_model_dir}"\nsource = "local"\nbackend = "vllm"\nnames = ["split"]\n'
+        f'[[models]]\nmodel = "{tiny_model_dir}"\nsource = "local"\nbackend = "vllm"\nnames = ["split"]\nport = {split}\n'
         f'pipeline_parallel_size = 2\ndistributed_executor_backend = "ray"\n{engine}'
-        f'[[models]]\nmodel = "{tiny_model_dir}"\nsource = "local"\nbackend = "vllm"\nnames = ["whole"]\n{engine}'
+        f'[[models]]\nmodel = "{tiny_model_dir}"\nsource = "local"\nbackend = "vllm"\nnames = ["whole"]\nport = {whole}\n{engine}'
     )
     join = ["ray", "join", f"{HOST_IP}:{RAY_PORT}", "--node-ip", NS_IP, "--node-manager-port", str(NODE_PORT)]
     join += ["--num-cpus", "1", "--num-gpus", "1", "--detach", "--run-dir", str(node_run)]
@@ -208,7 +210,7 @@ def test_one_model_split_over_two_hosts_serves_a_chat(netns: str, tmp_path: Path
         assert joined.returncode == 0, joined.stdout + joined.stderr
         out, _ = up.communicate(timeout=600)
         assert up.returncode == 0, out
-        client = openai.OpenAI(base_url="http://127.0.0.1:26102/v1", api_key="none", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{api}/v1", api_key="none", max_retries=0, timeout=120)
         replies = {}
         for model in ("split", "whole"):
             reply = client.chat.completions.create(
