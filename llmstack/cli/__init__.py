@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from llmstack.cli import faces, models, services, stack, usage
+from llmstack.cli import faces, models, ray, services, stack, usage
 
 app = typer.Typer(
     name="llmstack",
@@ -14,7 +14,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
-for group in (services, stack, models, usage, faces):
+for group in (services, stack, models, ray, usage, faces):
     group.register(app)
 
 

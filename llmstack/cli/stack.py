@@ -43,6 +43,7 @@ from llmstack.stack.plan import (
     is_local_model,
     key_warnings,
     masked_config,
+    parallel_problems,
     preflight,
     resolve_models,
     runtime_fields,
@@ -102,19 +103,32 @@ def up(
         if run_dir is None:
             fail("--foreground-supervisor needs --run-dir", EXIT_CONFIG)
         raise typer.Exit(run_supervisor(RunDir(run_dir), echo=False))
+    start_stack(load_stack(config), only, detach=detach, offline=offline, run_dir=run_dir, dry_run=dry_run)
+
+
+def start_stack(
+    cfg: StackConfig,
+    only: list[RoleName] | None,
+    *,
+    detach: bool,
+    offline: bool,
+    run_dir: Path | None,
+    dry_run: bool = False,
+) -> None:
+    """`up` for a loaded configuration (a stack file, or the one `ray join` builds): on a running stack, apply
+    what changed; else checks, then the supervisor."""
     t_begin = time.monotonic()
-    cfg = load_stack(config)
+    rd = RunDir(run_dir) if run_dir else RunDir(run_dir_for(cfg))
     try:
         roles = selected_roles(cfg, only)
+        specs = build_specs(cfg, roles, None, rd.root)
     except ConfigError as exc:
         fail(str(exc), EXIT_CONFIG)
-    rd = RunDir(run_dir) if run_dir else RunDir(run_dir_for(cfg))
     live = running_state(rd)
     if live is not None or dry_run:
         from llmstack.stack.reconcile_request import reconcile_running
 
         raise typer.Exit(reconcile_running(cfg, roles, rd, live, dry_run=dry_run, offline=offline, only=bool(only)))
-    specs = build_specs(cfg, roles, None, rd.root)
     _print_warnings(cfg, rd, roles, specs)  # before any other failure, so they are seen on every attempt
     problems = preflight(cfg, specs)
     if problems:
@@ -125,17 +139,7 @@ def up(
     secrets = stack_secrets(cfg, rd, roles)
 
     timings: dict[str, float] = {"preflight": round(time.monotonic() - t_begin, 3)}
-    paths: list[Path] | None = None
-    if "workers" in roles:
-        from llmstack.services.engines.gguf.header import GGUFError
-        from llmstack.stack.models import DownloadError
-
-        t0 = time.monotonic()
-        try:
-            paths = resolve_models(cfg, offline=offline)
-        except (DownloadError, GGUFError) as exc:  # before anything starts
-            fail(str(exc), EXIT_FAILED)
-        timings["resolve_models"] = round(time.monotonic() - t0, 3)
+    paths = _models_and_cluster(cfg, roles, offline, timings, secrets.get("RAY_AUTH_TOKEN"))
     specs = build_specs(cfg, roles, paths, rd.root)
     plan = build_plan(
         cfg, specs, secrets, run_id=uuid.uuid4().hex, timings=timings, runtime=runtime_fields(cfg, paths, roles)
@@ -146,6 +150,39 @@ def up(
     if detach:
         raise typer.Exit(start_detached(rd, plan, secrets))
     raise typer.Exit(run_supervisor(rd, echo=True, secrets=secrets))
+
+
+def _models_and_cluster(
+    cfg: StackConfig, roles: list[str], offline: bool, timings: dict[str, float], ray_token: str | None
+) -> list[Path] | None:
+    """Before anything starts: the models' local paths (downloaded if need be), their parallel sizes checked
+    against them, and the Ray head this node joins reachable and on the same versions."""
+    paths: list[Path] | None = None
+    if "workers" in roles:
+        from llmstack.services.engines.gguf.header import GGUFError
+        from llmstack.stack.models import DownloadError
+
+        t0 = time.monotonic()
+        try:
+            paths = resolve_models(cfg, offline=offline)
+        except (DownloadError, GGUFError) as exc:
+            fail(str(exc), EXIT_FAILED)
+        timings["resolve_models"] = round(time.monotonic() - t0, 3)
+        problems, notes = parallel_problems(cfg, paths)
+        for note in notes:
+            err.print(f"note: {note}", markup=False)
+        if problems:
+            for problem in problems:
+                print_error(problem)
+            raise typer.Exit(EXIT_CONFIG)
+    if "ray" in roles:
+        from llmstack.stack.raynode import RayNodeError, check_join
+
+        try:
+            check_join(cfg.ray, ray_token, cfg.stack.python)
+        except RayNodeError as exc:
+            fail(str(exc), EXIT_ENV)
+    return paths
 
 
 def runtime_problems(plan: Plan, secrets: dict[str, str]) -> None:
@@ -363,7 +400,8 @@ def config_check(
     console.print(t)
     console.print("commands (secrets travel in the environment, not here):")
     for s in specs:
-        console.print(f"  {s.name}: {' '.join(['llmstack', *s.argv[3:]])}", markup=False, soft_wrap=True)
+        shown = s.argv if s.role == "ray" else ["llmstack", *s.argv[3:]]  # the others run `python -m llmstack`
+        console.print(f"  {s.name}: {' '.join(shown)}", markup=False, soft_wrap=True)
     for m, report in zip(cfg.models, reports, strict=True):
         where = (
             "pypi package" if is_packaged(m.model) else "local" if is_local_model(cfg, m.model, m.source) else m.source

@@ -3,6 +3,7 @@ free, what a `/health` answer means."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -72,3 +73,33 @@ def judge_health(resp: httpx.Response, expect_models: Iterable[str] = ()) -> tup
     if missing:
         return False, f"waiting for {', '.join(sorted(missing))}"
     return True, "ok"
+
+
+def tcp_open(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether something accepts TCP connections on host:port (for services without an HTTP health route)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def tcp_target(url: str) -> tuple[str, int] | None:
+    """("10.0.0.5", 6380) from "tcp://10.0.0.5:6380"; None for any other URL."""
+    if not url.startswith("tcp://"):
+        return None
+    host, _, port = url[len("tcp://") :].rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def outward_ip(toward: str | None = None) -> str:
+    """This host's address on the route toward `toward` (default: the default route), as Ray picks its node
+    address; the host name's address when there is no such route."""
+    import socket
+
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((toward.strip("[]") if toward else "8.8.8.8", 80))  # UDP: nothing is sent
+        return str(sock.getsockname()[0])
+    return socket.gethostbyname(socket.gethostname())

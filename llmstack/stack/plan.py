@@ -33,6 +33,7 @@ from llmstack.stack.rundir import (
 #: Environment variables that carry secrets; children get only those their spec grants.
 SECRET_ENV = (
     "LLMSTACK_CLUSTER_TOKEN", "LLMSTACK_API_KEYS", "LLMSTACK_API_KEY_RULES", "LLMSTACK_API_KEY", "LLMSTACK_WEBUI_AUTH",
+    "RAY_AUTH_TOKEN",
 )  # fmt: skip
 
 
@@ -104,6 +105,7 @@ class Plan(BaseModel):
 
 
 class RoleName(enum.StrEnum):
+    ray = "ray"
     controller = "controller"
     workers = "workers"
     api = "api"
@@ -193,6 +195,7 @@ def _cached_modelscope_snapshot(model: str, cache: Path | None, revision: str | 
 def selected_roles(cfg: StackConfig, only: list[RoleName] | None) -> list[str]:
     """The roles this machine runs: `--only`, else everything the file enables."""
     available = {
+        "ray": cfg.ray.enabled,
         "controller": cfg.controller.local,
         "workers": bool(cfg.models),
         "api": cfg.api.enabled,
@@ -202,13 +205,14 @@ def selected_roles(cfg: StackConfig, only: list[RoleName] | None) -> list[str]:
     missing = [r for r in wanted if not available[r]]
     if missing:
         why = {
+            "ray": "there is no [ray] section with head = true or an address",
             "controller": "[controller] is disabled or points at a remote address",
             "workers": "there are no [[models]]",
             "api": "[api] enabled = false",
             "webui": "[webui] enabled = false",
         }
         raise ConfigError("; ".join(f"--only {r}: {why[r]}" for r in missing))
-    return [r for r in ("controller", "workers", "api", "webui") if r in wanted]
+    return [r for r in ("ray", "controller", "workers", "api", "webui") if r in wanted]
 
 
 def build_specs(
@@ -219,7 +223,7 @@ def build_specs(
     py = [service_python(cfg), "-m", "llmstack"]
     controller_url = cfg.controller.url
     drain = ["--drain-timeout", f"{cfg.stack.drain_timeout:g}"]
-    specs: list[ServiceSpec] = []
+    specs: list[ServiceSpec] = [ray_spec(cfg)] if "ray" in roles else []
     if "controller" in roles:
         c = cfg.controller
         url = service_url(c.host, c.port, bool(c.ssl.certfile))
@@ -235,7 +239,7 @@ def build_specs(
                 secret_env=["LLMSTACK_CLUSTER_TOKEN"],
             )
         )
-    workers = _worker_specs(cfg, model_paths, [*py, "worker"], drain) if "workers" in roles else []
+    workers = worker_specs(cfg, model_paths, [*py, "worker"], drain) if "workers" in roles else []
     specs += workers
     later = {name for m in cfg.models if m.load != "always" for name in m.served_names}
     # the API server is ready without the models that load at run time
@@ -280,7 +284,7 @@ def build_specs(
     return specs
 
 
-def _worker_specs(
+def worker_specs(
     cfg: StackConfig, model_paths: list[Path] | None, worker_cmd: list[str], drain: list[str]
 ) -> list[ServiceSpec]:
     """One service per worker port of every `[[models]]` entry (`replicas` gives several)."""
@@ -296,13 +300,13 @@ def _worker_specs(
                     name=name,
                     role="workers",
                     argv=[*worker_cmd, *m.args(path, port, controller_url), *drain],
-                    env=dict(m.env),
+                    env=worker_env(cfg, m),
                     host=m.host,
                     port=port,
                     url=m.worker_address or url,
                     health_url=f"{url}/health",
                     models=m.served_names,
-                    secret_env=["LLMSTACK_CLUSTER_TOKEN"],
+                    secret_env=["LLMSTACK_CLUSTER_TOKEN", *(["RAY_AUTH_TOKEN"] if over_ray(cfg, m) else [])],
                 )
             )
     return specs
@@ -345,6 +349,48 @@ def secret_digests(specs: list[ServiceSpec], secrets: dict[str, str], salt: str)
     return out
 
 
+def ray_spec(cfg: StackConfig) -> ServiceSpec:
+    """This host's Ray node (`stack/raynode.py`): the head, or a node joining `[ray] address`."""
+    from llmstack.stack.raynode import health_url, node_env, ray_argv, ray_executable
+
+    r = cfg.ray
+    temp = cfg.resolve_path(r.temp_dir) if r.temp_dir else None
+    try:
+        executable = ray_executable(service_python(cfg))
+    except RuntimeError as exc:
+        raise ConfigError(str(exc)) from None
+    return ServiceSpec(
+        name="ray-head" if r.head else "ray-node",
+        role="ray",
+        argv=ray_argv(r, executable, temp),
+        env=node_env(r.ip),
+        secret_env=["RAY_AUTH_TOKEN"],
+        host=r.ip,
+        port=r.node_manager_port,
+        url=r.head_address if r.head else f"{r.ip} -> {r.head_address}",
+        health_url=health_url(r),
+    )
+
+
+def over_ray(cfg: StackConfig, m: ModelSection) -> bool:
+    """Whether this model's vLLM runs its ranks on the stack's Ray cluster."""
+    from llmstack.services.worker.engine_config import vllm_engine_args
+
+    return cfg.ray.enabled and vllm_engine_args(m).get("distributed_executor_backend") == "ray"
+
+
+def worker_env(cfg: StackConfig, m: ModelSection) -> dict[str, str]:
+    """A worker's environment: its [[models]] env, and when vLLM runs over Ray the cluster's address (else
+    vLLM would start a cluster of its own, on this host only) and what the node's processes get."""
+    from llmstack.stack.raynode import node_env
+
+    env = dict(m.env)
+    if over_ray(cfg, m):
+        for name, value in {**node_env(cfg.ray.ip), "RAY_ADDRESS": cfg.ray.head_address}.items():
+            env.setdefault(name, value)
+    return env
+
+
 def policy_of(cfg: StackConfig) -> Policy:
     s = cfg.stack
     return Policy(
@@ -363,10 +409,12 @@ def stack_secrets(cfg: StackConfig, rd: RunDir, roles: list[str], *, generate: b
     (`generate=False`: only say that there will be one)."""
     out: dict[str, str] = {}
     token = os.environ.get("LLMSTACK_CLUSTER_TOKEN") or cfg.stack.cluster_token
-    if not token and cfg.controller.local:
+    if not token and (cfg.controller.local or cfg.ray.head):
         token = rd.cluster_token() if generate else "<generated>"
     if token:
         out["LLMSTACK_CLUSTER_TOKEN"] = token
+        if cfg.ray.enabled:  # Ray's own token authentication: the nodes of one stack share the cluster token
+            out["RAY_AUTH_TOKEN"] = token
     keys = cfg.api.api_keys or [k for k in os.environ.get("LLMSTACK_API_KEYS", "").split(",") if k.strip()]
     if keys:
         out["LLMSTACK_API_KEYS"] = ",".join(keys)
@@ -399,6 +447,31 @@ def preflight(cfg: StackConfig, specs: list[ServiceSpec]) -> list[str]:
                 f"change the port in {cfg.source_path or DEFAULT_CONFIG}"
             )
     return problems
+
+
+def parallel_problems(cfg: StackConfig, model_paths: list[Path]) -> tuple[list[str], list[str]]:
+    """(problems, notes) of the vLLM workers' parallel sizes against their models' config.json, found before
+    anything starts (vLLM's own check runs only once its engine process is up)."""
+    from llmstack.services.engines.vllm.parallel import (
+        ParallelConfigError,
+        ParallelSizes,
+        check_parallel_sizes,
+        model_shape,
+    )
+    from llmstack.services.worker.engine_config import vllm_engine_args
+
+    problems: list[str] = []
+    notes: list[str] = []
+    for i, (m, path) in enumerate(zip(cfg.models, model_paths, strict=True)):
+        if m.backend != "vllm":
+            continue
+        try:
+            sizes = ParallelSizes.of(vllm_engine_args(m))
+            if sizes.ranks > 1:
+                notes += check_parallel_sizes(sizes, *model_shape(path), where=str(path))
+        except ParallelConfigError as exc:
+            problems.append(f"models[{i}] ({m.served_names[0]}): {exc}")
+    return problems, notes
 
 
 def exposure_warnings(cfg: StackConfig, specs: list[ServiceSpec], secrets: dict[str, str]) -> list[str]:

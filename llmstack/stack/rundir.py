@@ -33,7 +33,7 @@ from llmstack.stack.config import StackConfig
 
 RUN_ID_ENV = "LLMSTACK_RUN_ID"
 STATE_VERSION = 1
-Role = Literal["controller", "workers", "api", "webui"]
+Role = Literal["ray", "controller", "workers", "api", "webui"]
 
 
 def run_dir_for(cfg: StackConfig) -> Path:

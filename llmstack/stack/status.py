@@ -23,6 +23,11 @@ def _health(rec: Any) -> tuple[bool, str, dict]:
     """Whether a service is healthy, in a word, and (workers) its engine's figures from /health."""
     import httpx
 
+    from llmstack.common.net import tcp_open, tcp_target
+
+    target = tcp_target(rec.health_url)
+    if target is not None:  # a Ray node
+        return (True, "ok", {}) if tcp_open(*target) else (False, "not answering", {})
     try:
         with httpx.Client(timeout=2.0, trust_env=False, verify=False) as client:
             resp = client.get(rec.health_url)

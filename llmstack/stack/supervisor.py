@@ -3,13 +3,13 @@
 One loop in one thread owns every child (as honcho does): it polls exits, health endpoints and the
 restart schedule, and writes the run state after every change, so other shells see what it sees.
 
-- Start order: controller -> workers (spawned together, gated together) -> api -> webui. Any exit or
+- Start order: Ray node -> controller -> workers (spawned together, gated together) -> api -> webui. Any exit or
   timeout while starting aborts the whole start: what was started is stopped, and the cause is reported
   with the tail of that service's log.
 - After start, a child that exits is restarted after ``restart_backoff * 2**(crashes-1)`` seconds (capped).
   More than ``crash_loop_restarts`` crashes within ``crash_loop_window`` seconds is a crash loop: the
   service is marked failed, with its last log lines, and left alone.
-- Stop: in tiers (webui+api, then workers, then controller), SIGTERM to each leader so uvicorn drains
+- Stop: in tiers (webui+api, then workers, then controller, then the Ray node), SIGTERM to each leader so uvicorn drains
   in-flight requests, then SIGKILL to whatever is left of each process tree when the deadline passes.
 - SIGHUP with a new plan in the run directory (`llmstack up` on a running stack): `reconcile_apply.py`
   applies it between ticks; without one, SIGHUP stops like SIGTERM.
@@ -53,7 +53,7 @@ from llmstack.stack.logs import tail_file
 from llmstack.stack.plan import SECRET_ENV, Plan, ServiceSpec
 from llmstack.stack.rundir import RUN_ID_ENV, Phase, ProcRef, Role, RunDir, RunState, ServiceRecord, ServiceState
 
-START_ORDER: tuple[Role, ...] = ("controller", "workers", "api", "webui")
+START_ORDER: tuple[Role, ...] = ("ray", "controller", "workers", "api", "webui")
 
 
 LOG_TAIL_LINES = 20

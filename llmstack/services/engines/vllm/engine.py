@@ -32,6 +32,7 @@ from llmstack.services.engines.vllm.args import (
     vllm_installed,
 )
 from llmstack.services.engines.vllm.checkpoint import gguf_checkpoint
+from llmstack.services.engines.vllm.parallel import prepare_ranks
 
 log = logging.getLogger("llmstack.engine.vllm")
 
@@ -65,8 +66,10 @@ class VLLMEngine(TemplatedEngine):
         if "logprobs_mode" not in self.kwargs and "logprobs_mode" in engine_arg_names():
             self.kwargs["logprobs_mode"] = "processed_logprobs"
         self.cpu_notes: list[str] = []
-        if _on_cpu():
+        on_cpu = _on_cpu()
+        if on_cpu:
             self.kwargs, self.cpu_notes = _cpu_defaults(self.kwargs)
+        self.cpu_notes += prepare_ranks(cfg.model_path, self.kwargs, on_cpu)  # ParallelConfigError: a ValueError
         self.llm: Any = None
         self.tokenizer: Any = None
         self.renderer: ChatRenderer | None = None
