@@ -30,6 +30,7 @@ from llmstack.services.engines.vllm.parallel import (
     model_shape,
     prepare_ranks,
 )
+from llmstack.services.engines.vllm.ray_watch import RayNodeWatch
 from tests.support.procs import DEFAULT_ENV, REPO_ROOT
 from tests.support.procs import run_llmstack as llmstack
 from tests.support.stack import Stack, new_stack
@@ -39,6 +40,20 @@ PROMPTS = ["Tell me about Beijing.", "Count to five.", "What is a worker?"]
 
 
 # -- sizes and CPU binding (no engine started) ------------------------------------------------------------
+def test_a_ray_node_leaving_the_cluster_is_noticed_and_a_new_one_is_not() -> None:
+    """The watch a worker over Ray keeps: a node alive at start that leaves calls `lost` with it; a node that
+    joins later changes nothing (the end-to-end case: tests/test_netns_ray.py)."""
+    seen = [{"a", "b"}, {"a", "b", "c"}, {"a", "c"}]
+    lost: list[set[str]] = []
+    watch = RayNodeWatch(interval=0.01, nodes=lambda: seen[0] if len(seen) == 1 else seen.pop(0), lost=lost.append)
+    watch.start()
+    deadline = time.monotonic() + 5
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.01)
+    watch.stop()
+    assert watch.expected == {"a", "b"} and lost == [{"b"}]
+
+
 def test_cpus_split_into_equal_contiguous_groups_one_per_rank() -> None:
     assert cpu_binding(2, {0, 1}) == "0|1"
     assert cpu_binding(2, range(8)) == "0-3|4-7"

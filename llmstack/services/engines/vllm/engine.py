@@ -32,7 +32,8 @@ from llmstack.services.engines.vllm.args import (
     vllm_installed,
 )
 from llmstack.services.engines.vllm.checkpoint import gguf_checkpoint
-from llmstack.services.engines.vllm.parallel import prepare_ranks
+from llmstack.services.engines.vllm.parallel import ParallelSizes, prepare_ranks
+from llmstack.services.engines.vllm.ray_watch import RayNodeWatch
 
 log = logging.getLogger("llmstack.engine.vllm")
 
@@ -71,6 +72,7 @@ class VLLMEngine(TemplatedEngine):
             self.kwargs, self.cpu_notes = _cpu_defaults(self.kwargs)
         self.cpu_notes += prepare_ranks(cfg.model_path, self.kwargs, on_cpu)  # ParallelConfigError: a ValueError
         self.llm: Any = None
+        self._ray_watch: RayNodeWatch | None = None
         self.tokenizer: Any = None
         self.renderer: ChatRenderer | None = None
         self._snapshot = _SchedulerSnapshot()
@@ -157,6 +159,10 @@ class VLLMEngine(TemplatedEngine):
             self.renderer.name if self.renderer else "-",
             self.renderer.end_of_turn if self.renderer else {},
         )
+        if ParallelSizes.of(self.kwargs).backend == "ray":  # a stage on a lost node would stall every stream
+            self._ray_watch = RayNodeWatch()
+            await asyncio.to_thread(self._ray_watch.connect)
+            self._ray_watch.start()
 
     def _load_error_types(self) -> None:
         try:
@@ -206,6 +212,8 @@ class VLLMEngine(TemplatedEngine):
         return SchedulerRecorder
 
     async def close(self) -> None:
+        if self._ray_watch is not None:
+            self._ray_watch.stop()
         if self.llm is not None:
             await asyncio.to_thread(self.llm.shutdown)
             self.llm = None
