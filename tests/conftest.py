@@ -89,7 +89,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, minilm
         s.start_controller()
         # float32: logprobs are compared with a float32 reference forward pass, and dtype auto is bfloat16 on a
         # CPU with bf16 matrix units (AMX)
-        s.start_worker("worker-tiny", tiny_model_dir, "--model-names", f"tiny,{ALIAS}", "--dtype", "float32", wait=False)
+        s.start_worker(
+            "worker-tiny", tiny_model_dir, "--model-names", f"tiny,{ALIAS}", "--dtype", "float32", wait=False
+        )
         s.start_worker("worker-minilm", minilm_dir, "--model-names", "all-MiniLM-L6-v2", wait=False)
         s.start_worker("worker-8bit", tiny_model_dir, "--model-names", "tiny-8bit", "--load-8bit", wait=False)
         for svc, url in s.workers.values():

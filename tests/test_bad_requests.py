@@ -97,6 +97,7 @@ CASES: list[tuple[str, str, str, Any, int, str | None, str | None]] = [
      {"model": "all-MiniLM-L6-v2", "input": "x", "encoding_format": "hex"}, 400, "encoding_format", None),
     ("embedding-unknown-model", "POST", EMBEDDINGS, {"model": "nope", "input": "x"}, 404, "model", "model_not_found"),
     ("unknown-route", "GET", "/v1/nothing-here", None, 404, None, None),
+    ("trailing-slash", "GET", "/v1/responses//", None, 404, None, None),  # not a redirect
     ("wrong-method", "GET", CHAT, None, 405, None, None),
     ("unknown-model-get", "GET", "/v1/models/no-such-model", None, 404, "model", "model_not_found"),
     # OpenAI checks the model first: an unknown one is a 404 whatever else the body lacks; a known one a 400

@@ -117,7 +117,11 @@ def build_api_app(settings: APISettings) -> FastAPI:
     keys = KeysSource([*flat_rules(settings.api_keys), *settings.key_rules], settings.keys_file)
     usage = UsageStore(Path(settings.state_dir)) if settings.state_dir is not None else None
     app = FastAPI(
-        title="llmstack OpenAI-compatible API", lifespan=_lifespan(settings, keys, usage), docs_url=None, redoc_url=None
+        title="llmstack OpenAI-compatible API",
+        lifespan=_lifespan(settings, keys, usage),
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,  # `/v1/responses/` is an unknown route (404 in OpenAI's shape), not a 307 elsewhere
     )
     install_error_handlers(app, shapes=[("/v1/messages", anthropic_error)])
     metrics = ServingMetrics("api")
