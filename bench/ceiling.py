@@ -45,6 +45,7 @@ from bench.ceiling_report import plot, render  # noqa: E402
 from bench.limits import MachineLimits, measure_machine, model_cost  # noqa: E402
 from bench.model import FULL, QUICK, build_model  # noqa: E402
 from bench.profile_worker import summarize  # noqa: E402
+from bench.vllm_compare import Level as Totals  # noqa: E402
 from llmstack.services.engines.vllm.args import CPU_KV_CACHE_BYTES  # noqa: E402
 from tests.support.procs import Service, free_port  # noqa: E402
 
@@ -53,23 +54,14 @@ SERVERS = ("transformers", "vllm", "serve")
 
 
 @dataclass
-class Level:
-    """One server at one concurrency."""
+class Level(Totals):
+    """One server at one concurrency: `vllm_compare`'s totals, and how many streams."""
 
-    streams: int
-    requests: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    ttft: list[float] = field(default_factory=list)
-    errors: int = 0
-
-    @property
-    def tps(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
+    streams: int = 0
 
     @property
     def ttft_p50(self) -> float:
-        return sorted(self.ttft)[len(self.ttft) // 2] if self.ttft else float("nan")
+        return self.ttft_pct(0.5)
 
 
 @dataclass
@@ -201,7 +193,7 @@ def stream_prompt(k: int, i: int) -> str:
 
 
 async def run_level(url: str, streams: int, rounds: int, max_tokens: int) -> Level:
-    level = Level(streams)
+    level = Level(streams=streams)
     limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits, trust_env=False) as client:
 

@@ -139,7 +139,8 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel("chat turn")
     ax.set_ylabel("TTFT (s)")
     ax.set_title("10-turn chat, gemma")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a run without the prefix targets draws no chat
+        ax.legend(fontsize=7)
     m = results["machine"]
     fig.suptitle(f"decode throughput vs this machine's limits (read {m['bandwidth_gbs']:.1f} GB/s)", fontsize=10)
     fig.tight_layout()
