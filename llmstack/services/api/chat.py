@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 from llmstack.common.errors import LLMStackError
 from llmstack.common.metrics import RequestTracker
-from llmstack.common.wire import SamplingParams, StreamEvent
+from llmstack.common.wire import SamplingParams, StreamEvent, ToolSpec
 from llmstack.services.api.protocol import ChatCompletionRequest
 from llmstack.services.api.streaming import (
     SSE_DONE,
@@ -22,26 +22,38 @@ from llmstack.services.api.streaming import (
 from llmstack.services.api.upstream import WorkerStream
 
 
+class ChatShaped(Protocol):
+    """What a chat request of any API (Chat Completions, Responses, Messages) gives the worker."""
+
+    model: str
+
+    def tool_spec(self) -> ToolSpec | None: ...
+
+    def template_kwargs(self) -> dict[str, Any] | None: ...
+
+
+def worker_chat_body(req: ChatShaped, messages: list[dict[str, Any]], params: SamplingParams) -> dict[str, Any]:
+    """The worker's /generate body for a chat, the same whichever API the request came in by."""
+    body: dict[str, Any] = {"model": req.model, "messages": messages, "params": params.model_dump()}
+    tools = req.tool_spec()
+    if tools is not None:
+        body["tools"] = tools.model_dump()
+    kwargs = req.template_kwargs()
+    if kwargs:
+        body["chat_template_kwargs"] = kwargs
+    return body
+
+
 class ChatCompletions:
     """Chat completions over the worker stream."""
 
     def __init__(self, workers: WorkerStream) -> None:
         self.workers = workers
 
-    @staticmethod
-    def _chat_body(req: ChatCompletionRequest, params: SamplingParams) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": req.model, "messages": req.template_messages(), "params": params.model_dump()}
-        tools = req.tool_spec()
-        if tools is not None:
-            body["tools"] = tools.model_dump()
-        kwargs = req.template_kwargs()
-        if kwargs:
-            body["chat_template_kwargs"] = kwargs
-        return body
-
     async def chat(self, req: ChatCompletionRequest, tracker: RequestTracker) -> dict[str, Any]:
         params = req.to_sampling_params()
-        choices, usage = await collect(self.workers.events(req.model, self._chat_body(req, params)), params.n, tracker)
+        body = worker_chat_body(req, req.template_messages(), params)
+        choices, usage = await collect(self.workers.events(req.model, body), params.n, tracker)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -62,7 +74,7 @@ class ChatCompletions:
 
     async def chat_stream(self, req: ChatCompletionRequest, tracker: RequestTracker) -> AsyncIterator[bytes]:
         params = req.to_sampling_params()
-        events = self.workers.events(req.model, self._chat_body(req, params))
+        events = self.workers.events(req.model, worker_chat_body(req, req.template_messages(), params))
         first = await first_event(events)  # errors before the first token become an HTTP error
         return self._chat_sse(req, params, first, events, tracker)
 

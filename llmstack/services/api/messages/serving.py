@@ -7,6 +7,7 @@ from typing import Any
 
 from llmstack.common.errors import LLMStackError
 from llmstack.common.metrics import RequestTracker
+from llmstack.services.api.chat import worker_chat_body
 from llmstack.services.api.messages.builder import MessageBuilder
 from llmstack.services.api.messages.protocol import CountTokensRequest, MessagesRequest
 from llmstack.services.api.streaming import chain, first_event, sse_event
@@ -19,18 +20,7 @@ class Messages:
 
     @staticmethod
     def _body(req: MessagesRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": req.model,
-            "messages": req.template_messages,
-            "params": req.to_sampling_params().model_dump(),
-        }
-        tools = req.tool_spec()
-        if tools is not None:
-            body["tools"] = tools.model_dump()
-        kwargs = req.template_kwargs()
-        if kwargs:
-            body["chat_template_kwargs"] = kwargs
-        return body
+        return worker_chat_body(req, req.template_messages, req.to_sampling_params())
 
     @staticmethod
     def _track(event: dict[str, Any], tracker: RequestTracker) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from llmstack.common.errors import LLMStackError, NotFound
 from llmstack.common.metrics import RequestTracker
+from llmstack.services.api.chat import worker_chat_body
 from llmstack.services.api.responses.builder import Event, ResponseBuilder
 from llmstack.services.api.responses.items import Item, dump_items, parse_items, to_messages
 from llmstack.services.api.responses.protocol import ResponsesRequest
@@ -50,17 +51,8 @@ class Responses:
 
     async def _events(self, req: ResponsesRequest, owner: str) -> tuple[AsyncIterator[dict[str, Any]], list[Item]]:
         items, first_input = await self._conversation(req, owner)
-        body: dict[str, Any] = {
-            "model": req.model,
-            "messages": to_messages(req.instructions, items, first_input),
-            "params": req.to_sampling_params().model_dump(),
-        }
-        tools = req.tool_spec()
-        if tools is not None:
-            body["tools"] = tools.model_dump()
-        kwargs = req.template_kwargs()
-        if kwargs:
-            body["chat_template_kwargs"] = kwargs
+        messages = to_messages(req.instructions, items, first_input)
+        body = worker_chat_body(req, messages, req.to_sampling_params())
         return self.workers.events(req.model, body), items
 
     @staticmethod
