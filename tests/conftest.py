@@ -13,6 +13,8 @@ from tests.support.procs import ServiceGroup
 from tests.support.stack import Stack, new_stack
 from tests.support.tiny_model import build_tiny_llama, build_tiny_llama_no_template
 
+pytest_plugins = ["tests.support.netns"]  # the `netns` fixture: a second network host
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
