@@ -86,3 +86,36 @@ def test_a_seeded_row_does_not_depend_on_its_neighbours() -> None:
     alone = run(1, 0)
     assert run(4, 0) == alone and run(4, 2) == alone
     assert len(set(alone)) > 3  # it really samples
+
+
+def test_a_large_vocabulary_draws_by_blocks_as_its_softmax_says() -> None:
+    """Vocabularies above a few thousand entries go through the two-level draw (block sums, then one block):
+    frequencies follow the softmax across blocks and within one, the padding of the last block and tokens of
+    weight 0 (cut by top-k/p or a grammar) are never drawn."""
+    from llmstack.services.engines.hf.sampling import sample_rows
+
+    vocab = 5000  # five blocks of 1,024, the last one padded
+    row = torch.full((vocab,), float("-inf"))
+    chosen = {7: 0.4, 1023: 0.1, 1024: 0.2, 4999: 0.3}  # block edges and the last real token
+    for token, p in chosen.items():
+        row[token] = torch.log(torch.tensor(p))
+    samplers = [sampler(temperature=1.0, seed=3), sampler(temperature=1.0, seed=4)]
+    counts = dict.fromkeys(chosen, 0)
+    draws = 1500
+    for _ in range(draws):
+        for picked in sample_rows(samplers, torch.stack([row, row])):
+            assert picked.token in chosen, picked.token
+            counts[picked.token] += 1
+    for token, p in chosen.items():
+        assert abs(counts[token] / (2 * draws) - p) < 0.03, counts
+
+
+def test_greedy_over_a_large_vocabulary_takes_the_first_maximum() -> None:
+    from llmstack.services.engines.hf.sampling import argmax_rows
+
+    x = torch.randn(3, 262_144, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    x[1, 5000] = x[1, 200_000] = 100.0  # a tie: the first one wins, as torch.argmax says
+    x[2, -1] = 100.0
+    assert argmax_rows(x) == x.argmax(dim=-1).tolist() == [argmax_rows(x[:1])[0], 5000, 262_143]
+    odd = torch.randn(2, 5001)  # a vocabulary that is no multiple of the block
+    assert argmax_rows(odd) == odd.argmax(dim=-1).tolist()

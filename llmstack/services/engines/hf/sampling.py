@@ -139,14 +139,15 @@ def sample_rows(samplers: Sequence[SequenceSampler], logits: torch.Tensor) -> li
     is_plain = [s.plain_greedy for s in samplers]
     plain = [i for i, p in enumerate(is_plain) if p]
     if plain:
-        # argmax is exact in any dtype: no float copy needed
-        picked = (logits if len(plain) == len(samplers) else logits[plain]).argmax(dim=-1).tolist()
+        picked = argmax_rows(logits if len(plain) == len(samplers) else logits[plain])  # exact in any dtype
         for i, token in zip(plain, picked, strict=True):
             samplers[i].record(int(token))
             out[i] = Sampled(int(token))
     rest = [i for i, p in enumerate(is_plain) if not p]
     if rest:
-        x = logits[rest].float() if len(rest) < len(samplers) else logits.float().clone()
+        x = logits[rest].float() if len(rest) < len(samplers) else logits.float()
+        if x.data_ptr() == logits.data_ptr():  # already float32: a copy, since the rows are changed in place
+            x = x.clone()
         rows = [samplers[i] for i in rest]
         for j, s in enumerate(rows):
             s.process(x[j])
@@ -160,7 +161,7 @@ def sample_rows(samplers: Sequence[SequenceSampler], logits: torch.Tensor) -> li
         drawn = iter(_draw(x[random_rows], [rows[j].generator for j in random_rows]) if random_rows else [])
         need_lp = [j for j, s in enumerate(rows) if s.params.logprobs is not None]
         logprobs = torch.log_softmax(x[need_lp], dim=-1) if need_lp else None
-        greedy_tokens = x.argmax(dim=-1).tolist() if len(random_rows) < len(rows) else []
+        greedy_tokens = argmax_rows(x) if len(random_rows) < len(rows) else []
         lp_row = {j: k for k, j in enumerate(need_lp)}
         for j, (i, s) in enumerate(zip(rest, rows, strict=True)):
             token = int(greedy_tokens[j]) if s.greedy else next(drawn)
@@ -172,14 +173,48 @@ def sample_rows(samplers: Sequence[SequenceSampler], logits: torch.Tensor) -> li
     return out  # type: ignore[return-value]
 
 
+_BLOCK = 1024  # vocabulary entries per block of the two-level argmax and draw
+
+
+def _blocks(x: torch.Tensor, fill: float) -> torch.Tensor:
+    """A (rows, vocab) tensor as (rows, blocks, _BLOCK), padded with `fill`."""
+    pad = (-x.shape[-1]) % _BLOCK
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad), value=fill)
+    return x.view(x.shape[0], -1, _BLOCK)
+
+
+def argmax_rows(x: torch.Tensor) -> list[int]:
+    """`x.argmax(-1)` (the first maximum of each row), by block maxima then one block per row: torch's CPU
+    argmax reads about 0.4 GB/s (10 ms for 16 rows of Gemma's 262k vocabulary in bfloat16), its amax twelve
+    times that."""
+    if x.shape[-1] < 4 * _BLOCK:
+        return x.argmax(dim=-1).tolist()
+    blocks = _blocks(x, float("-inf"))
+    best = blocks.amax(dim=-1).argmax(dim=-1)  # the first block holding the row's maximum
+    inner = blocks[torch.arange(x.shape[0], device=x.device), best].argmax(dim=-1)  # its first maximum
+    return (best * _BLOCK + inner).tolist()
+
+
 def _draw(logits: torch.Tensor, generators: Sequence[torch.Generator | None]) -> list[int]:
-    """One token per row from softmax(logits) by inverse CDF: one uniform number from each row's own
-    generator (so a seeded row does not depend on its neighbours) and one batched search, where
-    `torch.multinomial` per row costs about 0.5 ms for a 32k vocabulary."""
-    cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)
-    u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators]).unsqueeze(1)
-    picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # the first token whose CDF passes u
-    return picked.clamp_(max=logits.shape[-1] - 1).squeeze(1).tolist()
+    """One token per row from softmax(logits) by inverse CDF, with one uniform number from each row's own
+    generator (so a seeded row does not depend on its neighbours; `torch.multinomial` per row costs about
+    0.5 ms for a 32k vocabulary).  The CDF is two-level: block sums pick the block, and only that block's
+    running sum is taken, where a full softmax and cumulative sum take three passes over the whole
+    vocabulary (5 ms for 16 rows of 262k).  A token of weight 0 (cut by top-k/p or a grammar) is never drawn."""
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # unnormalised: the draw scales u instead
+    blocks = _blocks(weights, 0.0)
+    block_cdf = blocks.sum(dim=-1).cumsum_(dim=-1)
+    u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators])
+    total = block_cdf[:, -1]
+    target = torch.minimum(u * total, total * (1 - 2**-20)).unsqueeze(1)  # below the total despite rounding
+    block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=blocks.shape[1] - 1)  # first cdf > target
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
+    inner = blocks[torch.arange(len(generators), device=logits.device), block.squeeze(1)].cumsum(dim=-1)
+    rest = (target - before).clamp(min=0.0)
+    rest = torch.minimum(rest, inner[:, -1:] * (1 - 2**-20))  # within the block's own (rounded) sum
+    picked = torch.searchsorted(inner, rest, right=True).clamp_(max=_BLOCK - 1)
+    return (block * _BLOCK + picked).squeeze(1).tolist()
 
 
 def _fill_logprobs(sampled: Sampled, row: torch.Tensor, top: int) -> None:
