@@ -7,13 +7,15 @@
 1. Measures the machine (`limits`): memory read bandwidth, float32 and bfloat16 matmul throughput.
 2. Derives each model's decode ceilings in the dtype each server runs it: batch 1 (weight bytes per step /
    bandwidth) and large batch (FLOPs per token / matmul throughput).
-3. Starts one server at a time on the model (so they never share the cores): llmstack with the
-   transformers engine, llmstack with the vLLM engine (controller + worker + API server, default
-   settings), and `vllm serve` (its defaults; `--serve-dtypes` adds runs with other dtypes, e.g. its
-   fastest).  vLLM on a CPU needs a memory setting to start at all: `vllm serve` gets the KV cache size
-   llmstack's vLLM worker picks by itself.
-4. At each level of concurrent streams (each client sends `--rounds` streamed completions of
-   `--max-tokens` tokens back to back), records generated tokens/s and time to first token.
+3. Starts every server on the model and keeps them up (an idle server takes no CPU; the run prints what
+   each takes while idle): llmstack with the transformers engine, llmstack with the vLLM engine
+   (controller + worker + API server, default settings), and `vllm serve` (its defaults; `--serve-dtypes`
+   adds runs with other dtypes, e.g. its fastest).  vLLM on a CPU needs a memory setting to start at all:
+   `vllm serve` gets the KV cache size llmstack's vLLM worker picks by itself.
+4. At each level of concurrent streams, `--rounds` rounds, each client sending one streamed completion of
+   `--max-tokens` tokens per round; a round runs on one server at a time, every server in turn (the order
+   rotating), so the noise of a shared machine falls on every server alike.  Records generated tokens/s and
+   time to first token.
 5. On the transformers engine, the prefix-cache targets: the TTFT of a request whose ~1,500-token system
    prompt an earlier request already sent, against the first one's; and the TTFT of every turn of a
    10-turn chat, with the prefix cache and without it.
@@ -192,13 +194,15 @@ def stream_prompt(k: int, i: int) -> str:
     return f"Story {k}.{i}: write a short story about {topics[(k + i) % len(topics)]}. Once upon a time,"
 
 
-async def run_level(url: str, streams: int, rounds: int, max_tokens: int) -> Level:
+async def run_level(url: str, streams: int, rounds: int, max_tokens: int, first_round: int = 0) -> Level:
+    """`streams` clients, each sending `rounds` streamed completions back to back (rounds numbered from
+    `first_round`: each round has its own prompts and seeds, so no round reuses another's prefix)."""
     level = Level(streams=streams)
     limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits, trust_env=False) as client:
 
         async def one_client(k: int) -> None:
-            for i in range(rounds):
+            for i in range(first_round, first_round + rounds):
                 try:
                     tokens, ttft, _ = await complete(client, url, stream_prompt(k, i), max_tokens, k * 100 + i)
                 except Exception as exc:  # counted; the run reports it
@@ -273,22 +277,74 @@ def model_dir_of(name: str, plan: Plan, out: Path) -> Path:
     return build_model(out / "models", QUICK if plan.quick else FULL)
 
 
-def measure_server(server: Server, run: Run, plan: Plan, results: dict, out: Path) -> None:
-    asyncio.run(run_level(server.url, 2, 1, 8))  # warm-up: first requests pay one-off costs
-    levels = plan.levels[run.model]
-    for streams in levels:
-        spy = _py_spy_start(server, out, run) if plan.py_spy and streams == max(levels) else None
-        level = asyncio.run(run_level(server.url, streams, plan.rounds, plan.max_tokens))
-        if spy is not None:
-            results.setdefault("profiles", {})[f"{run.model} {run.server}"] = _py_spy_stop(spy)
-        run.levels.append(level)
-        b1, big = run.ceilings
-        print(
-            f"  {run.server:28s} {streams:>3} streams: {level.tps:7.1f} tok/s ({level.tps / b1:.2f} of batch-1, "
-            f"{level.tps / big:.2f} of compute ceiling), TTFT p50 {level.ttft_p50:.2f}s, errors {level.errors}"
-        )
-    if plan.prefix and run.model == "gemma":
-        _prefix_targets(server, run, results)
+def merge(into: Level, part: Level) -> None:
+    into.requests += part.requests
+    into.tokens += part.tokens
+    into.seconds += part.seconds
+    into.ttft += part.ttft
+    into.errors += part.errors
+
+
+def idle_cpu(servers: list[Server], seconds: float = 3.0) -> dict[int, float]:
+    """CPU (in cores) each idle server's process tree uses: an idle server must not slow the measured one."""
+    import psutil
+
+    def tree_cpu(pid: int) -> float:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0.0
+        total = 0.0
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    pids = [[svc.pid for svc in server.services if svc.pid] for server in servers]
+    before = [sum(tree_cpu(pid) for pid in group) for group in pids]
+    time.sleep(seconds)
+    after = [sum(tree_cpu(pid) for pid in group) for group in pids]
+    return {i: (a - b) / seconds for i, (a, b) in enumerate(zip(after, before, strict=True))}
+
+
+def measure_servers(started: list[tuple[Server, Run]], plan: Plan, results: dict, out: Path) -> None:
+    """Every level on every server, interleaved: each round of a level runs on each server in turn (the order
+    rotating), so a slow minute of a shared machine falls on all of them alike."""
+    servers = [server for server, _ in started]
+    for server in servers:
+        asyncio.run(run_level(server.url, 2, 1, 8, first_round=1000))  # warm-up: first requests pay one-off costs
+    for i, cores in idle_cpu(servers).items():
+        run = started[i][1]
+        print(f"  {run.server}: {cores:.2f} cores while idle")
+        results.setdefault("idle_cores", {})[f"{run.model} {run.server}"] = cores
+    levels = plan.levels[started[0][1].model]
+    for n, streams in enumerate(levels):
+        totals = [Level(streams=streams) for _ in started]
+        spies = {}
+        if plan.py_spy and streams == max(levels):
+            spies = {i: _py_spy_start(server, out, run) for i, (server, run) in enumerate(started)
+                     if run.server == "llmstack transformers"}  # fmt: skip
+        for r in range(plan.rounds):
+            order = list(range(len(started)))
+            shift = (n + r) % len(order)
+            for i in order[shift:] + order[:shift]:
+                part = asyncio.run(run_level(started[i][0].url, streams, 1, plan.max_tokens, first_round=r))
+                merge(totals[i], part)
+        for i, spy in spies.items():
+            if spy is not None:
+                run = started[i][1]
+                results.setdefault("profiles", {})[f"{run.model} {run.server}"] = _py_spy_stop(spy)
+        for (_, run), level in zip(started, totals, strict=True):
+            run.levels.append(level)
+            b1, big = run.ceilings
+            print(
+                f"  {run.server:28s} {streams:>3} streams: {level.tps:7.1f} tok/s ({level.tps / b1:.2f} of batch-1, "
+                f"{level.tps / big:.2f} of compute ceiling), TTFT p50 {level.ttft_p50:.2f}s, errors {level.errors}"
+            )
 
 
 def _prefix_targets(server: Server, run: Run, results: dict) -> None:
@@ -328,37 +384,54 @@ def _py_spy_stop(spy: tuple[subprocess.Popen, Path]) -> str:
     return summarize(path, top=20) if path.is_file() else "py-spy wrote nothing"
 
 
+def _start(kind: str, dtype: str | None, model_dir: Path, logs: Path) -> tuple[Server, str]:
+    """A server of `kind` and the dtype it runs the model in."""
+    if kind == "serve":
+        server = start_vllm_serve(model_dir, logs, str(dtype), CPU_KV_CACHE_BYTES)
+        return server, "bfloat16" if dtype == "auto" else str(dtype)  # vLLM's auto on a CPU: bfloat16
+    extra = ["--no-prefix-caching"] if kind == "no-cache" else []
+    server = start_llmstack(model_dir, "vllm" if kind == "vllm" else "transformers", logs, extra)
+    return server, _chosen_dtype(server.worker)
+
+
 def run_model(name: str, plan: Plan, limits: MachineLimits, out: Path, results: dict) -> list[Run]:
+    """Start every server of the model (an idle one takes no CPU: `idle_cpu` checks), measure them
+    interleaved, then the prefix targets one server at a time."""
     model_dir = model_dir_of(name, plan, out)
     cost = model_cost(model_dir)
     results.setdefault("models", {})[name] = {"path": str(model_dir), **asdict(cost)}
     logs = out / "logs" / "ceiling"
-    runs: list[Run] = []
-    for label, kind, dtype in _starts(name, plan):
-        print(f"{name}: starting {label}", flush=True)
-        started = time.perf_counter()
-        try:
-            if kind == "serve":
-                server = start_vllm_serve(model_dir, logs, str(dtype), CPU_KV_CACHE_BYTES)
-                chosen = "bfloat16" if dtype == "auto" else str(dtype)  # vLLM's auto on a CPU: bfloat16
-            else:
-                extra = ["--no-prefix-caching"] if kind == "no-cache" else []
-                server = start_llmstack(model_dir, "vllm" if kind == "vllm" else "transformers", logs, extra)
-                chosen = _chosen_dtype(server.worker)
-        except Exception as exc:
-            print(f"  {label} did not start: {exc}", file=sys.stderr)
-            results.setdefault("errors", []).append(f"{name} {label}: {exc}")
-            continue
-        run = Run(name, label, chosen, cost.ceilings(limits, chosen), start_s=time.perf_counter() - started)
-        try:
-            if kind == "no-cache":  # only the prefix targets, for comparison
+    started: list[tuple[Server, Run]] = []
+    try:
+        for label, kind, dtype in _starts(name, plan):
+            if kind == "no-cache":
+                continue  # started alone, for the prefix targets only
+            print(f"{name}: starting {label}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                server, chosen = _start(kind, dtype, model_dir, logs)
+            except Exception as exc:
+                print(f"  {label} did not start: {exc}", file=sys.stderr)
+                results.setdefault("errors", []).append(f"{name} {label}: {exc}")
+                continue
+            started.append(
+                (server, Run(name, label, chosen, cost.ceilings(limits, chosen), start_s=time.perf_counter() - t0))
+            )
+        if started:
+            measure_servers(started, plan, results, out)
+        for server, run in started:
+            if plan.prefix and run.model == "gemma" and run.server == "llmstack transformers":
                 _prefix_targets(server, run, results)
-            else:
-                measure_server(server, run, plan, results, out)
-                runs.append(run)
+    finally:
+        for server, _ in started:
+            server.stop()
+    if plan.prefix and name == "gemma" and "transformers" in plan.servers:
+        server, chosen = _start("no-cache", None, model_dir, logs)
+        try:  # only the prefix targets, for comparison
+            _prefix_targets(server, Run(name, "llmstack transformers, no prefix cache", chosen, (0.0, 0.0)), results)
         finally:
             server.stop()
-    return runs
+    return [run for _, run in started]
 
 
 def _starts(model: str, plan: Plan) -> list[tuple[str, str, str | None]]:

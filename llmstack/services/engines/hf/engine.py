@@ -39,6 +39,7 @@ from llmstack.services.engines.hf.loading import (
     plan_loading,
     resolve_device,
 )
+from llmstack.services.engines.hf.packing import pack_linear_weights
 from llmstack.services.engines.hf.probe import Batchable, probe
 from llmstack.services.engines.hf.sampling import Sampled, SequenceSampler, prompt_logprobs, sample_rows
 from llmstack.services.engines.hf.sequence import Sequence
@@ -155,6 +156,9 @@ class HFEngine(TemplatedEngine):
         model.eval()
         self.model = model
         self.device = torch.device(plan.move_to or ("cpu" if device == "cpu" else model.device))
+        packed = pack_linear_weights(model, self.device)
+        if packed:
+            log.info("bfloat16 weights of %d linear layers packed for oneDNN (read once per step)", packed)
         self.context_length = context_length_of(model_config, self.tokenizer)
         if self.kind == "chat":
             self.renderer = ChatRenderer(self.tokenizer, cfg.model_path, cfg.conv_template, *checkpoint.hints)
