@@ -394,6 +394,15 @@ def _start(kind: str, dtype: str | None, model_dir: Path, logs: Path) -> tuple[S
     return server, _chosen_dtype(server.worker)
 
 
+MIN_FREE_BYTES = 6 * 2**30  # what one more vLLM server on Gemma 3 270M takes, with room to measure
+
+
+def _memory_left() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 def run_model(name: str, plan: Plan, limits: MachineLimits, out: Path, results: dict) -> list[Run]:
     """Start every server of the model (an idle one takes no CPU: `idle_cpu` checks), measure them
     interleaved, then the prefix targets one server at a time."""
@@ -406,6 +415,10 @@ def run_model(name: str, plan: Plan, limits: MachineLimits, out: Path, results: 
         for label, kind, dtype in _starts(name, plan):
             if kind == "no-cache":
                 continue  # started alone, for the prefix targets only
+            if started and _memory_left() < MIN_FREE_BYTES:  # a machine that swaps or drops its page cache
+                print(f"  {label} not started: {_memory_left() / 2**30:.1f} GiB of memory left", file=sys.stderr)
+                results.setdefault("errors", []).append(f"{name} {label}: not started, memory")
+                continue
             print(f"{name}: starting {label}", flush=True)
             t0 = time.perf_counter()
             try:

@@ -9,6 +9,7 @@ vLLM is a hard requirement: without it this module fails, it never skips.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -22,10 +23,12 @@ import vllm  # noqa: F401 - a missing vLLM must fail this module, not skip it
 
 from llmstack.services.engines.vllm.parallel import (
     BIND_ENV,
+    RESERVED_ENV,
     ParallelConfigError,
     ParallelSizes,
     check_parallel_sizes,
     cpu_binding,
+    cpu_compute_cores,
     cpu_rank_environment,
     model_shape,
     prepare_ranks,
@@ -72,6 +75,21 @@ def test_binding_only_for_local_ranks_the_user_did_not_bind() -> None:
     assert cpu_rank_environment(ParallelSizes(pipeline=2, backend="ray"), [0], {}) == ({}, [])  # other hosts
     with pytest.raises(ParallelConfigError, match="at least 1"):
         ParallelSizes.of({"tensor_parallel_size": 0})
+
+
+def test_one_rank_on_a_small_cpu_host_computes_on_every_cpu(tmp_path: Path) -> None:
+    env, notes = cpu_compute_cores([0, 1], {})
+    assert env == {RESERVED_ENV: "0"} and "computes on all 2 CPUs" in notes[0]
+    assert cpu_compute_cores([0, 1], {RESERVED_ENV: "1"}) == ({}, [])  # the user's choice
+    assert cpu_compute_cores([0, 1], {BIND_ENV: "0"}) == ({}, [])
+    assert cpu_compute_cores(range(16), {}) == ({}, [])  # a large host: vLLM's reservation costs little
+    environ: dict[str, str] = {}
+    prepare_ranks(str(tmp_path), {}, on_cpu=True, environ=environ)
+    assert environ.get(RESERVED_ENV) == ("0" if len(os.sched_getaffinity(0)) <= 4 else None)
+    for args, on_cpu in (({}, False), ({"distributed_executor_backend": "ray"}, True)):  # a GPU; Ray's nodes
+        untouched: dict[str, str] = {}
+        prepare_ranks(str(tmp_path), args, on_cpu=on_cpu, environ=untouched)
+        assert untouched == {}
 
 
 def test_sizes_are_checked_against_the_models_heads_and_layers(tmp_path: Path) -> None:

