@@ -14,8 +14,9 @@
    `vllm serve` gets the KV cache size llmstack's vLLM worker picks by itself.
 4. At each level of concurrent streams, `--rounds` rounds, each client sending one streamed completion of
    `--max-tokens` tokens per round; a round runs on one server at a time, every server in turn (the order
-   rotating), so the noise of a shared machine falls on every server alike.  Records generated tokens/s and
-   time to first token.
+   rotating), so the noise of a shared machine falls on every server alike, and only once every server is
+   idle again (vLLM's worker spins for a second after its last step).  Records generated tokens/s and time to
+   first token.
 5. On the transformers engine, the prefix-cache targets: the TTFT of a request whose ~1,500-token system
    prompt an earlier request already sent, against the first one's; and the TTFT of every turn of a
    10-turn chat, with the prefix cache and without it.
@@ -311,12 +312,21 @@ def idle_cpu(servers: list[Server], seconds: float = 3.0) -> dict[int, float]:
     return {i: (a - b) / seconds for i, (a, b) in enumerate(zip(after, before, strict=True))}
 
 
+def settle(servers: list[Server], quiet_cores: float = 0.1, timeout: float = 15.0) -> None:
+    """Wait until every server is idle: vLLM's worker process keeps spinning on its shared-memory queue for a
+    second after its last step (`SpinCondition.busy_loop_s`), which would slow whichever server runs next."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and sum(idle_cpu(servers, 0.5).values()) > quiet_cores:
+        pass
+
+
 def measure_servers(started: list[tuple[Server, Run]], plan: Plan, results: dict, out: Path) -> None:
     """Every level on every server, interleaved: each round of a level runs on each server in turn (the order
     rotating), so a slow minute of a shared machine falls on all of them alike."""
     servers = [server for server, _ in started]
     for server in servers:
         asyncio.run(run_level(server.url, 2, 1, 8, first_round=1000))  # warm-up: first requests pay one-off costs
+    settle(servers)
     for i, cores in idle_cpu(servers).items():
         run = started[i][1]
         print(f"  {run.server}: {cores:.2f} cores while idle")
@@ -332,6 +342,7 @@ def measure_servers(started: list[tuple[Server, Run]], plan: Plan, results: dict
             order = list(range(len(started)))
             shift = (n + r) % len(order)
             for i in order[shift:] + order[:shift]:
+                settle(servers)
                 part = asyncio.run(run_level(started[i][0].url, streams, 1, plan.max_tokens, first_round=r))
                 merge(totals[i], part)
         for i, spy in spies.items():
@@ -433,7 +444,7 @@ def run_model(name: str, plan: Plan, limits: MachineLimits, out: Path, results: 
         if started:
             measure_servers(started, plan, results, out)
         for server, run in started:
-            if plan.prefix and run.model == "gemma" and run.server == "llmstack transformers":
+            if plan.prefix and run.model == "gemma":
                 _prefix_targets(server, run, results)
     finally:
         for server, _ in started:
