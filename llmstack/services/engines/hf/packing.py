@@ -18,6 +18,10 @@ import torch
 
 log = logging.getLogger("llmstack.engine.hf")
 
+# The rows oneDNN lays the weight out for.  16 was faster than 1 at 1, 8 and 16 rows alike for Gemma's
+# 640 x 2048 matrices (single matrices: 20-45% less time; a whole batch-1 step: 50.6 -> 48.9 ms, minimum of 3)
+PACKED_FOR_ROWS = 16
+
 
 def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
     return (
@@ -54,7 +58,7 @@ def pack_linear_weights(model: Any, device: torch.device) -> int:
         if weight.device.type != "cpu" or weight.data_ptr() in keep:
             continue
         try:
-            blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+            blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_FOR_ROWS)
         except RuntimeError as exc:  # an oneDNN that cannot reorder this shape: plain linear for all
             log.warning("cannot prepack bfloat16 linear weights (%s): they stay in the plain layout", exc)
             return packed
