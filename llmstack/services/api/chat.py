@@ -32,9 +32,9 @@ class ChatShaped(Protocol):
     def template_kwargs(self) -> dict[str, Any] | None: ...
 
 
-def worker_chat_body(req: ChatShaped, messages: list[dict[str, Any]], params: SamplingParams) -> dict[str, Any]:
-    """The worker's /generate body for a chat, the same whichever API the request came in by."""
-    body: dict[str, Any] = {"model": req.model, "messages": messages, "params": params.model_dump()}
+def template_inputs(req: ChatShaped) -> dict[str, Any]:
+    """What the worker's chat template takes besides the messages: the tools and template kwargs, if any."""
+    body: dict[str, Any] = {}
     tools = req.tool_spec()
     if tools is not None:
         body["tools"] = tools.model_dump()
@@ -42,6 +42,11 @@ def worker_chat_body(req: ChatShaped, messages: list[dict[str, Any]], params: Sa
     if kwargs:
         body["chat_template_kwargs"] = kwargs
     return body
+
+
+def worker_chat_body(req: ChatShaped, messages: list[dict[str, Any]], params: SamplingParams) -> dict[str, Any]:
+    """The worker's /generate body for a chat, the same whichever API the request came in by."""
+    return {"model": req.model, "messages": messages, "params": params.model_dump(), **template_inputs(req)}
 
 
 class ChatCompletions:

@@ -7,7 +7,7 @@ from typing import Any
 
 from llmstack.common.errors import LLMStackError
 from llmstack.common.metrics import RequestTracker
-from llmstack.services.api.chat import worker_chat_body
+from llmstack.services.api.chat import template_inputs, worker_chat_body
 from llmstack.services.api.messages.builder import MessageBuilder
 from llmstack.services.api.messages.protocol import CountTokensRequest, MessagesRequest
 from llmstack.services.api.streaming import chain, first_event, sse_event
@@ -72,12 +72,6 @@ class Messages:
             await source.aclose()  # ends the worker stream at once when the client leaves
 
     async def count_tokens(self, req: CountTokensRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {"messages": req.template_messages}
-        tools = req.tool_spec()
-        if tools is not None:
-            body["tools"] = tools.model_dump()
-        kwargs = req.template_kwargs()
-        if kwargs:
-            body["chat_template_kwargs"] = kwargs
+        body = {"messages": req.template_messages, **template_inputs(req)}
         reply = await self.workers.post(req.model, "/count_tokens", body)
         return {"input_tokens": reply["count"]}
