@@ -12,6 +12,7 @@ import functools
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import vllm  # noqa: F401 - a missing vLLM must fail this module, not skip it
 from pydantic import ValidationError
 
 from llmstack.services.engines import EngineOptionError, create_engine
+from llmstack.services.engines.vllm import ipc
 from llmstack.services.engines.vllm.args import REMOVED_ARGS, parse_extra_flags, resolve_engine_args
 from llmstack.services.worker.engine_config import engine_config, vllm_engine_args
 from llmstack.services.worker.options import WorkerOptions
@@ -216,6 +218,30 @@ def test_worker_reports_vllm_engine_and_notes(vstack: Stack) -> None:
     assert "enable_prefix_caching=True" in log and "kv_cache_memory_bytes=268435456" in log
     table = httpx.get(f"{vstack.controller_url}/workers").json()["workers"]
     assert {w["engine"] for w in table} == {"vllm", "transformers"}
+
+
+def _unix_socket_paths() -> set[str]:
+    """Paths of the bound Unix sockets this machine has open (/proc/net/unix)."""
+    lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    return {fields[7] for fields in (line.split() for line in lines) if len(fields) > 7}
+
+
+@pytest.mark.slow
+def test_vllm_ipc_sockets_live_and_die_with_the_worker(vstack: Stack, model_dir: Path) -> None:
+    """vLLM's ZeroMQ sockets go to the worker's own directory, which is gone once the worker stops (vLLM
+    alone leaves 7 socket files in the temp directory a run: its start-up handshake's even while it runs)."""
+    svc = vstack.start_worker(
+        "worker-vllm-ipc", model_dir, "--backend", "vllm", "--model-names", "tiny-ipc",
+        "--gpu-memory-utilization", "0.2", "--kv-cache-memory-bytes", str(64 * 2**20), "--max-model-len", "1024",
+    )  # fmt: skip
+    try:
+        (own,) = Path(tempfile.gettempdir()).glob(f"{ipc.PREFIX}{svc.pid}-*")
+        sockets = {str(p) for p in own.iterdir()}
+        assert sockets & _unix_socket_paths(), (sockets, "none is bound by the running engine")
+    finally:
+        svc.stop(timeout=60)
+        del vstack.workers["worker-vllm-ipc"]
+    assert not own.exists(), sorted(own.iterdir())
 
 
 @pytest.mark.slow

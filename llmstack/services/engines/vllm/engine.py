@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llmstack.common.errors import InvalidRequest, LLMStackError, Overloaded
@@ -32,6 +33,7 @@ from llmstack.services.engines.vllm.args import (
     vllm_installed,
 )
 from llmstack.services.engines.vllm.checkpoint import gguf_checkpoint
+from llmstack.services.engines.vllm.ipc import private_rpc_dir, remove_rpc_dir
 from llmstack.services.engines.vllm.parallel import ParallelSizes, prepare_ranks
 from llmstack.services.engines.vllm.ray_watch import RayNodeWatch
 
@@ -73,6 +75,7 @@ class VLLMEngine(TemplatedEngine):
         self.cpu_notes += prepare_ranks(cfg.model_path, self.kwargs, on_cpu)  # ParallelConfigError: a ValueError
         self.llm: Any = None
         self._ray_watch: RayNodeWatch | None = None
+        self._rpc_dir: Path | None = None  # vLLM's IPC sockets (ipc.py)
         self.tokenizer: Any = None
         self.renderer: ChatRenderer | None = None
         self._snapshot = _SchedulerSnapshot()
@@ -138,7 +141,12 @@ class VLLMEngine(TemplatedEngine):
         args = AsyncEngineArgs(**_with_compact_json(self.kwargs))
         log.info("starting vLLM engine for %s with %s", self.cfg.model_path, _describe(self.kwargs))
         started = time.perf_counter()
-        self.llm = _make_async_engine(args, self._stat_logger_factory())
+        self._rpc_dir = private_rpc_dir()
+        try:
+            self.llm = _make_async_engine(args, self._stat_logger_factory())
+        except BaseException:
+            remove_rpc_dir(self._rpc_dir)
+            raise
         tokenizer = self.llm.get_tokenizer()
         self.tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
         model_config = getattr(self.llm, "model_config", None)
@@ -217,6 +225,8 @@ class VLLMEngine(TemplatedEngine):
         if self.llm is not None:
             await asyncio.to_thread(self.llm.shutdown)
             self.llm = None
+        remove_rpc_dir(self._rpc_dir)
+        self._rpc_dir = None
 
     def _prompt(self, prompt_ids: list[int]) -> Any:
         if self._token_input is not None:
