@@ -19,7 +19,7 @@
    first token.
 5. On the transformers engine, the prefix-cache targets: the TTFT of a request whose ~1,500-token system
    prompt an earlier request already sent, against the first one's; and the TTFT of every turn of a
-   10-turn chat, with the prefix cache and without it.
+   10-turn chat (the median of 3 chats, turn by turn), with the prefix cache and without it.
 6. With `--py-spy`, samples the transformers worker during its busiest level: where the time goes.
 
 Prints the table and writes bench/results/ceiling[-quick].{txt,json,png}.  Figures are comparable within
@@ -243,17 +243,19 @@ async def shared_system_prompt(url: str, samples: int = 3) -> dict:
     return {"first_ttft_s": med(firsts), "second_ttft_s": med(seconds), "ratio": med(firsts) / med(seconds)}
 
 
-async def chat_turns(url: str, turns: int = 10, answer_tokens: int = 64) -> list[float]:
-    """Per-turn TTFT of a chat whose transcript (every earlier turn and answer) is each turn's prompt."""
-    history = "A conversation between a user and a helpful assistant.\n"
-    out = []
+async def chat_turns(url: str, turns: int = 10, answer_tokens: int = 64, chats: int = 3) -> list[float]:
+    """Per-turn TTFT of a chat whose transcript (every earlier turn and answer) is each turn's prompt: the
+    median over `chats` different chats, turn by turn (one chat's turns move 2x with the machine's noise)."""
+    samples: list[list[float]] = [[] for _ in range(turns)]
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), trust_env=False) as client:
-        for t in range(turns):
-            history += f"User: tell me something about the number {t * 7 + 3}.\nAssistant:"
-            _, ttft, text = await complete(client, url, history, answer_tokens, t)
-            history += text + "\n"
-            out.append(ttft)
-    return out
+        for c in range(chats):
+            history = f"Chat {c}: a conversation between a user and a helpful assistant.\n"
+            for t in range(turns):
+                history += f"User: tell me something about the number {t * 7 + 3 + c}.\nAssistant:"
+                _, ttft, text = await complete(client, url, history, answer_tokens, t)
+                history += text + "\n"
+                samples[t].append(ttft)
+    return [sorted(s)[len(s) // 2] for s in samples]
 
 
 # -- the run ------------------------------------------------------------------------------------------------

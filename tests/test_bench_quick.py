@@ -45,3 +45,36 @@ def test_fastchat_compare_quick_runs_everything(tmp_path: Path) -> None:
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "fastchat_compare-quick.txt").read_text()
     assert "1-token latency median" in table and "worker peak RSS" in table
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ceiling_quick_measures_the_machine_and_the_engine(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "ceiling.py"), "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=500,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    results = json.loads((out / "ceiling-quick.json").read_text())
+    assert results["machine"]["bandwidth_gbs"] > 0 and results["machine"]["matmul_gflops"]["float32"] > 0
+    (run,) = results["runs"]
+    assert run["server"] == "llmstack transformers" and all(c > 0 for c in run["ceilings"].values())
+    for level in run["levels"]:
+        assert level["errors"] == 0 and level["tokens"] == level["requests"] * results["plan"]["max_tokens"]
+        assert level["tokens_per_s"] > 0 and level["ttft_p50_s"] > 0
+    assert (out / "ceiling-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ceil b1" in (out / "ceiling-quick.txt").read_text()
+
+
+def test_chat_flatness_compares_medians_of_early_and_late_turns() -> None:
+    from bench.ceiling_report import chat_growth
+
+    assert chat_growth([0.5, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]) == 1.0  # turn 1: nothing cached yet
+    assert chat_growth([0.1, 0.07, 0.2, 0.07, 0.1, 0.1, 0.1, 0.07, 0.2, 0.07]) == 1.0  # one slow turn each
+    growing = [0.12, 0.17, 0.25, 0.31, 0.42, 0.64, 0.57, 0.71, 0.85, 0.84]  # measured without the cache
+    assert chat_growth(growing) == 0.84 / 0.25
