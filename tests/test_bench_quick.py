@@ -13,21 +13,26 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _run_quick(script: str, out: Path, timeout: float) -> None:
+    """`bench/<script> --quick --out <out>`, which must succeed."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_fastchat_compare_quick_runs_everything(tmp_path: Path) -> None:
     import matplotlib  # noqa: F401  - the bench extra (scripts/install.sh installs it): fail here, not skip
 
     out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "fastchat_compare.py"), "--quick", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1100,
-        check=False,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    _run_quick("fastchat_compare.py", out, timeout=1100)
     results = json.loads((out / "fastchat_compare-quick.json").read_text())
     assert results["errors"] == []
     plan = results["plan"]
@@ -51,15 +56,7 @@ def test_fastchat_compare_quick_runs_everything(tmp_path: Path) -> None:
 @pytest.mark.timeout(600)
 def test_ceiling_quick_measures_the_machine_and_the_engine(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "ceiling.py"), "--quick", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=500,
-        check=False,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    _run_quick("ceiling.py", out, timeout=500)
     results = json.loads((out / "ceiling-quick.json").read_text())
     assert results["machine"]["bandwidth_gbs"] > 0 and results["machine"]["matmul_gflops"]["float32"] > 0
     (run,) = results["runs"]
