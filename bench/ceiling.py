@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -494,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model, transformers engine, levels 1,4")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
+    # a SIGTERM (timeout, kill) unwinds like Ctrl-C, so every server this run started is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     plan = Plan(
         models=tuple(args.models.split(",")),
         servers=tuple(args.servers.split(",")),
