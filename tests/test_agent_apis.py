@@ -11,6 +11,7 @@ types.  Every test here runs again against a vLLM worker (`tests/test_vllm_e2e.p
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -286,9 +287,11 @@ def test_anthropic_stream(agent_target: AgentTarget) -> None:
     assert [b.model_dump(exclude={"id"}) for b in final.content] == [
         b.model_dump(exclude={"id"}) for b in whole.content
     ]
-    assert (
-        final.usage.input_tokens == whole.usage.input_tokens and final.usage.output_tokens == whole.usage.output_tokens
-    )
+
+    def prompt(usage: Any) -> int:  # Anthropic counts cache reads apart from input_tokens
+        return usage.input_tokens + (usage.cache_read_input_tokens or 0)
+
+    assert prompt(final.usage) == prompt(whole.usage) and final.usage.output_tokens == whole.usage.output_tokens
     body = {
         "model": MODEL,
         "max_tokens": 120,
@@ -326,7 +329,52 @@ def test_anthropic_thinking_and_count_tokens(agent_target: AgentTarget) -> None:
     first = client.messages.create(
         model=MODEL, max_tokens=1, messages=[{"role": "user", "content": PARIS}], tools=ANTHROPIC_TOOLS
     )
-    assert first.usage.input_tokens == counted.input_tokens
+    assert first.usage.input_tokens + (first.usage.cache_read_input_tokens or 0) == counted.input_tokens
+
+
+# -- usage: the prompt tokens the prefix cache supplied ----------------------------------------------------
+CACHE_RULES = " ".join(f"Rule {i}: answer in plain words, keep to the facts, name your sources." for i in range(30))
+
+
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_supplied(agent_target: AgentTarget, openapi_validate) -> None:
+    """Each API says how much of the prompt came from the engine's prefix cache, in its own field: Chat
+    Completions `prompt_tokens_details.cached_tokens` (part of prompt_tokens), Responses
+    `input_tokens_details.cached_tokens`, Anthropic `cache_read_input_tokens` (apart from input_tokens)."""
+    system = f"Session {uuid.uuid4().hex}. {CACHE_RULES}"  # never seen: the first request finds nothing cached
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": OSLO}]
+    client = agent_target.openai
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+    prompt = first.usage.prompt_tokens
+    assert prompt > 300  # longer than two of vLLM's 128-token CPU blocks
+    assert first.usage.prompt_tokens_details is not None
+    assert first.usage.prompt_tokens_details.cached_tokens < 8  # at most the template's opening, as every chat's
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert second.usage.prompt_tokens == prompt and prompt // 2 <= cached < prompt  # the last token is computed
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=2,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage.prompt_tokens == prompt and chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+    raw = post(agent_target, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 2})
+    openapi_validate("CreateChatCompletionResponse", raw.json())
+    assert raw.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": cached}
+    body = {"model": MODEL, "instructions": system, "input": OSLO, "max_output_tokens": 16, "temperature": 0}
+    raw = post(agent_target, "/v1/responses", body)
+    openapi_validate("Response", raw.json())
+    usage = raw.json()["usage"]
+    assert usage["input_tokens"] // 2 <= usage["input_tokens_details"]["cached_tokens"] < usage["input_tokens"]
+    ask = {"model": MODEL, "system": system, "messages": [{"role": "user", "content": OSLO}]}
+    a = agent_target.anthropic.messages.create(max_tokens=2, **ask)
+    whole = agent_target.anthropic.messages.count_tokens(**ask).input_tokens
+    assert a.usage.cache_read_input_tokens is not None and whole // 2 <= a.usage.cache_read_input_tokens < whole
+    assert a.usage.input_tokens + a.usage.cache_read_input_tokens == whole
 
 
 # -- the OpenAI Agents SDK -------------------------------------------------------------------------------------

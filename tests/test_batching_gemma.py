@@ -116,6 +116,7 @@ def test_a_shared_prefix_longer_than_the_window_is_reused(batched: Harness, solo
     assert reused >= len(system) - 1, f"reused {reused} of the {len(system)} shared tokens"
     assert after.prefix_cache_queried_tokens - before.prefix_cache_queried_tokens == len(second)
     assert got.ids == expected.ids
+    assert got.cached == reused and expected.cached == 0  # what the usage reports: the hit, or nothing
     assert 0 < after.prefix_cache_hit_rate < 1 and after.prefix_cache_positions > 0
 
 
@@ -133,8 +134,10 @@ def test_a_hit_is_cut_back_where_the_window_was_not_kept(batched: Harness, solo:
     hits = []
     for prompt, want in zip((branch, twin), expected, strict=True):
         before = batched.engine.stats().prefix_cache_hit_tokens
-        assert batched.alone(prompt, GREEDY).ids == want.ids
+        got = batched.alone(prompt, GREEDY)
+        assert got.ids == want.ids
         hits.append(batched.engine.stats().prefix_cache_hit_tokens - before)
+        assert got.cached == hits[-1]  # the usage counts only what was reused
     assert hits[0] <= 1, "a hit beyond what the sliding layers kept was used"  # 1: <bos>, which all prompts share
     assert hits[1] >= len(branch) - 2  # the twin shares all of `branch` but its last tokens
 

@@ -225,11 +225,13 @@ class Usage(TypedDict):
     prompt_tokens: int
     completion_tokens: int
     reasoning_tokens: NotRequired[int]
+    cached_tokens: NotRequired[int]
 
 
 class UsageEvent(TypedDict):
     """The stream's last line: exact token counts over all choices (`prompt_tokens`,
-    `completion_tokens`, and `reasoning_tokens`: the completion tokens spent reasoning)."""
+    `completion_tokens`, `reasoning_tokens`: the completion tokens spent reasoning, and `cached_tokens`:
+    the prompt tokens the engine's prefix cache supplied, part of `prompt_tokens`)."""
 
     usage: Usage
 

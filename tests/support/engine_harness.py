@@ -22,6 +22,7 @@ class Result:
     text: str = ""
     tokens: int = 0
     finish: str | None = None
+    cached: int | None = None  # prompt tokens the prefix cache supplied (the first chunk says)
 
 
 @dataclass
@@ -55,6 +56,8 @@ class Harness:
             result.text += chunk.text
             result.tokens += chunk.tokens
             result.finish = chunk.finish_reason or result.finish
+            if result.cached is None:
+                result.cached = chunk.cached_tokens
         result.ids = list(self.ids[tuple(prompt_ids)])
         return result
 

@@ -11,9 +11,11 @@ from typing import Any
 from llmstack.common.errors import LLMStackError
 from llmstack.common.http import request_id_var
 from llmstack.common.metrics import RequestTracker
+from llmstack.common.wire import Usage
 from llmstack.services.api.protocol import CompletionRequest
 from llmstack.services.api.streaming import (
     SSE_DONE,
+    add_usage,
     chain,
     collect,
     completion_logprobs,
@@ -37,11 +39,10 @@ class TextCompletions:
     async def complete(self, req: CompletionRequest, tracker: RequestTracker) -> dict[str, Any]:
         n = req.n
         choices: list[dict[str, Any]] = []
-        prompt_tokens = completion_tokens = 0
+        totals: Usage = {"prompt_tokens": 0, "completion_tokens": 0}
         for p_index, body in enumerate(self._completion_bodies(req)):
             collected, usage = await collect(self.workers.events(req.model, body), n, tracker)
-            prompt_tokens += usage["prompt_tokens"]
-            completion_tokens += usage["completion_tokens"]
+            add_usage(totals, usage)
             for i, choice in enumerate(collected):
                 logprobs = completion_logprobs(choice.logprobs or [], 0) if req.logprobs is not None else None
                 choices.append(
@@ -59,7 +60,7 @@ class TextCompletions:
             "model": req.model,
             "system_fingerprint": None,
             "choices": choices,
-            "usage": usage_block({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}),
+            "usage": usage_block(totals),
         }
 
     async def complete_stream(self, req: CompletionRequest, tracker: RequestTracker) -> AsyncIterator[bytes]:
@@ -79,7 +80,7 @@ class TextCompletions:
             "system_fingerprint": None,
         }
         usage_field = {"usage": None} if req.include_usage else {}
-        totals = {"prompt_tokens": 0, "completion_tokens": 0}
+        totals: Usage = {"prompt_tokens": 0, "completion_tokens": 0}
         offsets: dict[int, int] = {}  # text offset per choice, for logprobs
         sources = [chain(first, streams[0]), *streams[1:]]
         try:
@@ -87,8 +88,7 @@ class TextCompletions:
                 try:
                     async for event in source:
                         if "usage" in event:
-                            totals["prompt_tokens"] += event["usage"]["prompt_tokens"]
-                            totals["completion_tokens"] += event["usage"]["completion_tokens"]
+                            add_usage(totals, event["usage"])
                             tracker.usage(event["usage"]["prompt_tokens"], event["usage"]["completion_tokens"])
                         elif "error" in event:
                             tracker.failed(LLMStackError.from_body(event).status_code)

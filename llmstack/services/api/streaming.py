@@ -142,9 +142,23 @@ def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str,
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-def usage_block(usage: Usage) -> dict[str, int]:
-    return {
+def add_usage(totals: Usage, usage: Usage) -> None:
+    """Add one worker stream's counts (one prompt of a multi-prompt completion) to `totals`."""
+    for name in ("prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens"):
+        if name in usage:
+            totals[name] = totals.get(name, 0) + usage[name]  # type: ignore[literal-required]
+
+
+def usage_block(usage: Usage) -> dict[str, Any]:
+    """OpenAI's usage object; the details when the worker counted them (cached prompt tokens are part of
+    `prompt_tokens`, reasoning tokens part of `completion_tokens`)."""
+    block: dict[str, Any] = {
         "prompt_tokens": usage["prompt_tokens"],
         "completion_tokens": usage["completion_tokens"],
         "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
     }
+    if "cached_tokens" in usage:
+        block["prompt_tokens_details"] = {"cached_tokens": usage["cached_tokens"]}
+    if "reasoning_tokens" in usage:
+        block["completion_tokens_details"] = {"reasoning_tokens": usage["reasoning_tokens"]}
+    return block

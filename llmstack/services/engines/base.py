@@ -21,7 +21,8 @@ class Chunk:
 
     `logprobs` has one OpenAI-shaped entry per token of the chunk when the request asked for them;
     `prompt_logprobs` (first chunk only) the prompt's, when asked for.  `stop_sequence` (last chunk
-    only) is the stop string that ended the sequence, when one did."""
+    only) is the stop string that ended the sequence, when one did.  `cached_tokens` (first chunk only,
+    when the engine knows it) is how many prompt tokens came from the prefix cache instead of a forward."""
 
     text: str
     tokens: int
@@ -29,6 +30,7 @@ class Chunk:
     logprobs: list[dict[str, Any]] | None = None
     prompt_logprobs: list[dict[str, Any]] | None = None
     stop_sequence: str | None = None
+    cached_tokens: int | None = None
 
     def then(self, later: Chunk) -> Chunk:
         """This chunk and the next one of the same sequence as one."""
@@ -40,6 +42,7 @@ class Chunk:
             logprobs,
             self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
             later.stop_sequence,
+            self.cached_tokens if self.cached_tokens is not None else later.cached_tokens,
         )
 
 

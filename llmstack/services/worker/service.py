@@ -181,6 +181,7 @@ class WorkerService:
         if report_prompt:
             yield line({"prompt_tokens": len(prompt_ids)})
         completion_tokens = reasoning_tokens = 0
+        cached_tokens: int | None = None  # prompt tokens from the prefix cache (the prompt counts once: first report)
         self.served += 1
         readers = self.readers(tools, params.n)
         thinkers = self.thinkers(prompt_ids, params, chat)
@@ -198,6 +199,8 @@ class WorkerService:
                             echo_waiting.discard(index)
                             yield line(echo_event(index, echo_text or "", chunk))
                         tracker.first_token()
+                        if cached_tokens is None and chunk.cached_tokens is not None:
+                            cached_tokens = chunk.cached_tokens
                         completion_tokens += chunk.tokens
                         self.generated_tokens += chunk.tokens
                         thinker = thinkers[index]
@@ -209,6 +212,8 @@ class WorkerService:
             usage: UsageEvent = {"usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens}}
             if any(thinkers):
                 usage["usage"]["reasoning_tokens"] = reasoning_tokens
+            if cached_tokens is not None:
+                usage["usage"]["cached_tokens"] = cached_tokens
             yield line(usage)
         except LLMStackError as exc:
             tracker.failed(exc.status_code)

@@ -51,8 +51,11 @@ class MessageBuilder:
 
     def feed(self, event: dict[str, Any]) -> list[Event]:
         if "usage" in event:
+            # Anthropic counts cache reads apart: input_tokens + cache_read_input_tokens is the whole prompt
+            cached = event["usage"].get("cached_tokens", 0)
             self.usage = {
-                "input_tokens": event["usage"]["prompt_tokens"],
+                "input_tokens": event["usage"]["prompt_tokens"] - cached,
+                "cache_read_input_tokens": cached,
                 "output_tokens": event["usage"]["completion_tokens"],
             }
             return []

@@ -182,7 +182,7 @@ class ResponseBuilder:
         prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
         self.usage = {
             "input_tokens": prompt,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "input_tokens_details": {"cached_tokens": usage.get("cached_tokens", 0), "cache_write_tokens": 0},
             "output_tokens": completion,
             "output_tokens_details": {"reasoning_tokens": usage.get("reasoning_tokens", 0)},
             "total_tokens": prompt + completion,

@@ -150,12 +150,13 @@ class Batcher:
                 continue
             row = self.prefilling.add_row()
             self.pending.append(seq)
-            seq.prefilled = seq.cached = 0
+            cached = 0
             if self.prefix is not None:
                 hit = self.prefix.match(context)
                 if hit.length:
                     self.prefilling.import_prefix(row, hit.spans, hit.length)
-                    seq.prefilled = seq.cached = hit.length
+                    cached = hit.length
+            seq.admitted(cached)
         return emitted
 
     def _prefill_scored(self, seq: Sequence) -> int:

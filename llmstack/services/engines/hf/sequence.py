@@ -34,7 +34,9 @@ class Sequence:
         "prompt_logprobs",
         "prefilled",
         "cached",
+        "prompt_cached",
         "prompt_scores",
+        "cache_reported",
     )
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop) -> None:
@@ -55,16 +57,28 @@ class Sequence:
         self.prompt_logprobs: list[dict[str, Any]] | None = None  # sent with the first chunk
         self.prefilled = 0
         self.cached = 0  # prompt positions the prefix cache supplied at the last admission
+        # the prompt tokens it supplied at the first admission (the usage reports them), until sent
+        self.prompt_cached: int | None = None
+        self.cache_reported = False
         self.prompt_scores: list[Any] = []  # per prefill chunk, all-position logits (prompt_logprobs only)
 
     def take_chunk(self, finish: str | None = None) -> Chunk:
         chunk = Chunk(self.pending_text, self.pending_tokens, finish, self.pending_logprobs, self.prompt_logprobs)
+        if not self.cache_reported:
+            chunk.cached_tokens, self.cache_reported = self.prompt_cached or 0, True
         if finish is not None and self.stops is not None:
             chunk.stop_sequence = self.stops.matched
         self.pending_text, self.pending_tokens, self.prompt_logprobs = "", 0, None
         if self.pending_logprobs is not None:
             self.pending_logprobs = []
         return chunk
+
+    def admitted(self, cached: int) -> None:
+        """Admitted with `cached` leading positions from the prefix cache; the first admission's count (of
+        prompt tokens only) is what the usage reports, a re-admission after preemption changes nothing."""
+        self.prefilled = self.cached = cached
+        if self.prompt_cached is None:
+            self.prompt_cached = min(cached, len(self.prompt_ids))
 
     def push(self, item: Chunk | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)

@@ -306,8 +306,12 @@ class VLLMEngine(TemplatedEngine):
         stream = self.llm.generate(self._prompt(prompt_ids), sampling, uuid.uuid4().hex)
         self._inflight += 1
         score_prompt = params.prompt_logprobs is not None  # vLLM scores it in the first output
+        cached: int | None = None  # prompt tokens from vLLM's prefix cache: sent with the first chunk only
+        first = True
         try:
             async for out in stream:
+                if first:
+                    cached, first = int(getattr(out, "num_cached_tokens", None) or 0), False
                 completion = out.outputs[0]
                 tokens = len(completion.token_ids)
                 self._generated += tokens
@@ -318,13 +322,14 @@ class VLLMEngine(TemplatedEngine):
                     score_prompt = False
                 if not out.finished:
                     if tokens or completion.text or first_prompt:
-                        yield Chunk(completion.text, tokens, None, logprobs, first_prompt)
+                        yield Chunk(completion.text, tokens, None, logprobs, first_prompt, cached_tokens=cached)
+                        cached = None
                     continue
                 reason = completion.finish_reason
                 if reason not in ("stop", "length"):
                     raise LLMStackError(f"the vLLM engine ended the generation ({reason})")
                 stop = completion.stop_reason if isinstance(completion.stop_reason, str) else None
-                yield Chunk(completion.text, tokens, reason, logprobs, first_prompt, stop)
+                yield Chunk(completion.text, tokens, reason, logprobs, first_prompt, stop, cached)
                 return
         except self._overflow_error as exc:
             raise Overloaded(f"the vLLM engine's queue is full: {exc}", retry_after=1) from exc
