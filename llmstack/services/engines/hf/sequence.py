@@ -33,7 +33,6 @@ class Sequence:
         "pending_logprobs",
         "prompt_logprobs",
         "prefilled",
-        "cached",
         "prompt_cached",
         "prompt_scores",
         "cache_reported",
@@ -56,8 +55,8 @@ class Sequence:
         self.pending_logprobs: list[dict[str, Any]] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[dict[str, Any]] | None = None  # sent with the first chunk
         self.prefilled = 0
-        self.cached = 0  # prompt positions the prefix cache supplied at the last admission
-        # the prompt tokens it supplied at the first admission (the usage reports them), until sent
+        # prompt tokens the prefix cache supplied at the first admission: the usage reports them, sent once
+        # with the first chunk
         self.prompt_cached: int | None = None
         self.cache_reported = False
         self.prompt_scores: list[Any] = []  # per prefill chunk, all-position logits (prompt_logprobs only)
@@ -76,7 +75,7 @@ class Sequence:
     def admitted(self, cached: int) -> None:
         """Admitted with `cached` leading positions from the prefix cache; the first admission's count (of
         prompt tokens only) is what the usage reports, a re-admission after preemption changes nothing."""
-        self.prefilled = self.cached = cached
+        self.prefilled = cached
         if self.prompt_cached is None:
             self.prompt_cached = min(cached, len(self.prompt_ids))
 
