@@ -143,10 +143,10 @@ def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str,
 
 
 def add_usage(totals: Usage, usage: Usage) -> None:
-    """Add one worker stream's counts (one prompt of a multi-prompt completion) to `totals`."""
-    for name in ("prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens"):
-        if name in usage:
-            totals[name] = totals.get(name, 0) + usage[name]  # type: ignore[literal-required]
+    """Add one worker stream's counts (one prompt of a multi-prompt completion) to `totals`; every count the
+    worker sends is summed, so a new one needs no change here."""
+    for name, count in usage.items():
+        totals[name] = totals.get(name, 0) + count  # type: ignore[literal-required]
 
 
 def usage_block(usage: Usage) -> dict[str, Any]:
