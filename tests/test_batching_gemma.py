@@ -2,10 +2,12 @@
 (window 512) with 3 full-attention ones.  Greedy output in a batch equals greedy output alone, for
 prompts longer than the window and than one prefill chunk; a prompt that shares a prefix with an earlier
 one reuses it (and its output does not change); a hit is cut back where the sliding layers did not keep
-what they would need."""
+what they would need.  The same holds with attention computed by two matmuls instead of SDPA (`kernels`),
+and in bfloat16 the kernels the engine times at load still give the model's answers."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +38,12 @@ def gemma_dir() -> Path:
 @pytest.fixture(scope="module")
 def batched(gemma_dir: Path, caplog_module: Any) -> Iterator[Harness]:
     yield from harness(gemma_dir)
+
+
+@pytest.fixture(scope="module")
+def matmul(gemma_dir: Path) -> Iterator[Harness]:
+    """Batched, attention as two matmuls (what `auto` picks in bfloat16 on CPUs without AMX)."""
+    yield from harness(gemma_dir, attention_kernel="matmul")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +80,23 @@ def test_gemma_batches_and_says_how(batched: Harness, caplog_module: list[str]) 
     loaded = [line for line in caplog_module if line.startswith("loaded in")]
     assert loaded and "3 full-attention and 15 sliding-window layers (window 512)" in loaded[-1]
     assert "prefix caching on" in loaded[-1]
+    assert "attention decode sdpa, prefill sdpa" in loaded[-1]  # float32: SDPA, not timed
+
+
+@pytest.mark.parametrize("kernel", ["auto", "matmul"])
+def test_bfloat16_attention_gives_the_models_answers(gemma_dir: Path, caplog_module: list[str], kernel: str) -> None:
+    """auto: timed at load (on this machine's CPU, either kernel may win); matmul: asked for."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    with contextlib.contextmanager(harness)(gemma_dir, dtype="bfloat16", attention_kernel=kernel) as h:
+        loaded = [line for line in caplog_module if line.startswith("loaded in")]
+        said = "timed at load" if kernel == "auto" else "decode matmul, prefill matmul (--attention-kernel)"
+        assert said in loaded[-1]
+        kernels = h.engine._batchable.kernels  # type: ignore[union-attr]
+        eiffel, counting = h.together(
+            ("The Eiffel Tower is located in the city of", params, 0.0), ("One, two, three, four,", params, 0.0)
+        )
+        assert eiffel.text.startswith(" Paris"), (kernels, eiffel.text)
+        assert counting.text.startswith(" five, six"), (kernels, counting.text)
 
 
 def test_reference_outputs(batched: Harness) -> None:
@@ -83,7 +108,11 @@ def test_reference_outputs(batched: Harness) -> None:
     assert counting.text == " five, six, seven, eight,"
 
 
-def test_batched_equals_solo_past_the_window_and_the_chunk(batched: Harness, solo: Harness) -> None:
+@pytest.mark.parametrize("engine", ["batched", "matmul"])
+def test_batched_equals_solo_past_the_window_and_the_chunk(
+    engine: str, solo: Harness, request: pytest.FixtureRequest
+) -> None:
+    batched: Harness = request.getfixturevalue(engine)
     long_ids = _ids(batched, LONG)
     assert len(long_ids) > PREFILL_TOKENS + WINDOW  # chunked prefill, window layers past their window
     prompts: list[str | list[int]] = [

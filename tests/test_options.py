@@ -53,6 +53,7 @@ TRANSFORMERS: dict[str, Any] = {
     "awq_ckpt": "a.safetensors",
     "awq_wbits": 4,
     "awq_groupsize": 64,
+    "attention_kernel": "matmul",
 }
 VLLM: dict[str, Any] = {
     "backend": "vllm",
@@ -136,6 +137,9 @@ WORKER = ["worker", "--no-register", "--model-path", "/nonexistent"]
         (["--backend", "vllm", "--load-8bit"], "--load-8bit is a transformers option; with --backend vllm use "
          "--quantization (e.g. bitsandbytes"),
         (["--max-model-len", "8", "--engine-args", "{}"], "--max-model-len only apply to --backend vllm"),
+        (["--attention-kernel", "flash"], "--attention-kernel must be auto, sdpa or matmul, not 'flash'"),
+        (["--backend", "vllm", "--attention-kernel", "sdpa"], "--attention-kernel is a transformers option; with "
+         "--backend vllm use --engine-args '{\"attention_backend\": ...}'"),
         (["--engine-args", "[1]"], "--engine-args must be a JSON object, e.g. '{\"enable_prefix_caching\": true}'"),
         (["--engine-args", "{"], "--engine-args is not valid JSON"),
         (["--conv-template", "nope"], "--conv-template: unknown conversation template 'nope'; known templates:"),

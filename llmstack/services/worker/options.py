@@ -130,6 +130,15 @@ class WorkerOptions(BaseModel):
             vllm="enable_prefix_caching",
         ),
     ] = True
+    attention_kernel: Annotated[
+        Literal["auto", "sdpa", "matmul"],
+        Opt(
+            "How the transformers engine computes attention: torch's fused SDPA kernel, or two matmuls (faster "
+            "in bfloat16 on CPUs without AMX); auto times both at load.",
+            backend="transformers",
+            instead="{engine_args} '{{\"attention_backend\": ...}}' (vLLM picks its own by default)",
+        ),
+    ] = "auto"
     seed: Annotated[int | None, Opt("Global random seed.", vllm="seed")] = None
     trust_remote_code: Annotated[
         bool, Opt("Run the model repository's own code (Baichuan2 needs it).", vllm="trust_remote_code")

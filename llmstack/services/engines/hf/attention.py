@@ -10,8 +10,10 @@ aligned rows) never runs.
 Why not transformers' "sdpa": with any mask it repeats the keys/values of grouped-query attention to
 every query head before calling SDPA (a copy of the whole cache per layer per step: 33 ms a layer for 16
 rows of 600 positions with Gemma 3's 4:1 heads, measured on this CPU), where SDPA's `enable_gqa` takes a
-mask on CPU at no such cost (1.5 ms).  Layers that need what SDPA has not (logit soft-capping, attention
-sinks) run the model's own eager attention with the same mask as an additive one.
+mask on CPU at no such cost (1.5 ms).  Where torch's fused CPU kernel is slow (bfloat16 without AMX), a
+forward computes attention as two matmuls instead (`kernels`, chosen at load).  Layers that need what
+neither has (logit soft-capping, attention sinks) run the model's own eager attention with the same mask as
+an additive one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import threading
 from typing import Any
 
 import torch
+
+from llmstack.services.engines.hf.kernels import SDPA_ONLY, AttentionKernels, Kernel, fits_matmul, matmul_attention
 
 IMPLEMENTATION = "llmstack"
 _active = threading.local()
@@ -32,17 +36,18 @@ def placeholder_mask(device: torch.device) -> torch.Tensor:
 
 
 class Batched:
-    """`with Batched(kv): model(...)` runs that forward with the masks of `kv`'s plan."""
+    """`with Batched(kv, kernels): model(...)` runs that forward with the masks of `kv`'s plan, computing
+    attention with `kernels`."""
 
-    def __init__(self, kv: Any) -> None:
-        self.kv = kv
+    def __init__(self, kv: Any, kernels: AttentionKernels = SDPA_ONLY) -> None:
+        self.kv, self.kernels = kv, kernels
 
     def __enter__(self) -> Batched:
-        _active.kv = self.kv
+        _active.kv, _active.kernels = self.kv, self.kernels
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _active.kv = None
+        _active.kv, _active.kernels = None, SDPA_ONLY
 
 
 def _plan_mask(module: Any) -> tuple[bool, torch.Tensor | None]:
@@ -70,6 +75,10 @@ def slot_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         return _eager(module, query, key, value, mask, dropout, scaling, **kwargs)
+    kernel = _active.kernels.for_queries(query.shape[2])
+    if kernel == Kernel.MATMUL and fits_matmul(query, key):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return matmul_attention(query, key, value, mask, scale).transpose(1, 2).contiguous(), None
     groups = query.shape[1] // key.shape[1]
     gqa = groups > 1
     if gqa and query.device.type != "cpu" and mask is not None:
@@ -105,12 +114,18 @@ def _eager(
 
 
 def planned_forward(
-    model: Any, kv: Any, ids: torch.Tensor, positions: torch.Tensor, new: list[int], **kwargs: Any
+    model: Any,
+    kv: Any,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    new: list[int],
+    kernels: AttentionKernels = SDPA_ONLY,
+    **kwargs: Any,
 ) -> Any:
     """One planned forward over the first len(new) rows of `kv` (committed only if it succeeds)."""
     kv.begin(new, ids.shape[1])
     try:
-        with Batched(kv):
+        with Batched(kv, kernels):
             out = model(
                 input_ids=ids,
                 position_ids=positions,

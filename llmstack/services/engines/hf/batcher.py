@@ -166,7 +166,8 @@ class Batcher:
         try:
             ids = torch.tensor([context], device=self.host.device)
             positions = torch.arange(len(context), device=self.host.device).unsqueeze(0)
-            logits = planned_forward(self.host.model, kv, ids, positions, [len(context)]).logits[0]
+            out = planned_forward(self.host.model, kv, ids, positions, [len(context)], self.how.kernels)
+            logits = out.logits[0]
         except Exception as exc:  # e.g. out of memory on one long prompt: only that request fails
             log.exception("prefill failed")
             seq.push(exc)
@@ -201,7 +202,9 @@ class Batcher:
             ids[i, width - c :] = torch.tensor(seq.context()[start : start + c], device=device)
             positions[i, width - c :] = torch.arange(start, start + c, device=device)
         try:
-            out = planned_forward(self.host.model, self.prefilling, ids, positions, chunks, logits_to_keep=1)
+            out = planned_forward(
+                self.host.model, self.prefilling, ids, positions, chunks, self.how.kernels, logits_to_keep=1
+            )
         except Exception as exc:  # the rows of this forward fail; the running batch goes on
             log.exception("prefill failed")
             for i in range(len(chunks) - 1, -1, -1):
@@ -246,7 +249,7 @@ class Batcher:
         rows, kv, device = self.running, self.decoding, self.host.device
         ids = torch.tensor([[seq.generated[-1]] for seq in rows], device=device)
         positions = torch.tensor([[n] for n in kv.lengths], device=device)
-        out = planned_forward(self.host.model, kv, ids, positions, [1] * len(rows))
+        out = planned_forward(self.host.model, kv, ids, positions, [1] * len(rows), self.how.kernels)
         sampled = sample_rows([seq.sampler for seq in rows], out.logits[:, -1])  # type: ignore[misc]
         finished = [i for i, (seq, s) in enumerate(zip(rows, sampled, strict=True)) if self.host.accept(seq, s)]
         for i in reversed(finished):

@@ -29,6 +29,7 @@ from llmstack.common.wire import SamplingParams, WorkerKind
 from llmstack.services.engines.base import Chunk, EngineStats, TemplatedEngine
 from llmstack.services.engines.hf.batcher import Batcher, BatchLimits
 from llmstack.services.engines.hf.grammar import Grammars
+from llmstack.services.engines.hf.kernels import Kernel
 from llmstack.services.engines.hf.lm_head import MAX_ROWS as MAX_HEAD_ROWS
 from llmstack.services.engines.hf.lm_head import vocabulary_major_head
 from llmstack.services.engines.hf.loading import (
@@ -71,6 +72,8 @@ class HFEngine(TemplatedEngine):
     def __init__(self, cfg: HFEngineConfig) -> None:
         if cfg.max_batch_size < 1 or cfg.max_batch_tokens < 1:
             raise EngineConfigError("--max-batch-size and --max-batch-tokens must be at least 1")
+        if cfg.attention_kernel not in tuple(Kernel):
+            raise EngineConfigError(f"--attention-kernel {cfg.attention_kernel!r}: choose auto, sdpa or matmul")
         self.cfg = cfg
         self.kind: WorkerKind = "chat"
         self.context_length = 2048
@@ -189,7 +192,8 @@ class HFEngine(TemplatedEngine):
         cfg = self.cfg
         return (
             f"batching up to {cfg.max_batch_size} sequences / {cfg.max_batch_tokens} cached tokens "
-            f"({self._batchable.layout.describe()}), prefix caching {'on' if cfg.prefix_caching else 'off'}"
+            f"({self._batchable.layout.describe()}), prefix caching {'on' if cfg.prefix_caching else 'off'}, "
+            f"attention {self._batchable.kernels.describe()}"
         )
 
     def _batching_unsupported(self) -> str | None:
@@ -198,7 +202,7 @@ class HFEngine(TemplatedEngine):
         import torch
 
         with torch.inference_mode():
-            how = probe(self.model, self.device)
+            how = probe(self.model, self.device, Kernel(self.cfg.attention_kernel))
         if isinstance(how, str):
             return how
         self._batchable = how

@@ -1,7 +1,8 @@
 """Whether the batched path can drive a model, decided once at load by running it: the model's cache
 layout must be one the slot cache keeps (`layout`), its code must take transformers' attention interface,
 and a two-row batch (different lengths, batched prefill, then a decode step) must reproduce the logits of
-each sequence run alone through the model's own cache and attention."""
+each sequence run alone through the model's own cache and attention.  The attention kernels are chosen
+here too (`kernels`), and the batched check is repeated with them when they are not SDPA."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 
 import torch
 
-from llmstack.services.engines.hf import attention
+from llmstack.services.engines.hf import attention, kernels
+from llmstack.services.engines.hf.kernels import SDPA_ONLY, AttentionKernels, HeadShape, Kernel
 from llmstack.services.engines.hf.layout import KVLayout, LayerSpec, LayoutUnsupported, layout_of
 from llmstack.services.engines.hf.slots import SlotKV
 
@@ -23,6 +25,7 @@ class Batchable:
     layout: KVLayout
     specs: list[LayerSpec]
     dtype: torch.dtype
+    kernels: AttentionKernels = SDPA_ONLY
 
 
 def _reference(model: Any, ids: list[int], device: torch.device) -> tuple[torch.Tensor, Any]:
@@ -51,7 +54,7 @@ def _self_noise(model: Any, ids: list[int], alone: torch.Tensor, device: torch.d
     return float((out.logits[0, -1].float() - alone).abs().max())
 
 
-def probe(model: Any, device: torch.device) -> Batchable | str:
+def probe(model: Any, device: torch.device, kernel: Kernel = Kernel.AUTO) -> Batchable | str:
     """A `Batchable` (and the model switched to the slot attention), or why not (the model untouched)."""
     try:
         layout = layout_of(model.config)
@@ -84,7 +87,39 @@ def probe(model: Any, device: torch.device) -> Batchable | str:
     if not (_close(got[0], ref_short, noise) and _close(got[1], ref_long, noise)):
         model.set_attn_implementation(original)
         return "its batched output differs from its solo output (it ignores the attention mask or positions)"
-    return Batchable(layout, specs, dtype)
+    chosen = _kernels(model, layout, specs, dtype, device, kernel, [short, long], [ref_short, ref_long], noise)
+    return Batchable(layout, specs, dtype, chosen)
+
+
+def _kernels(
+    model: Any,
+    layout: KVLayout,
+    specs: list[LayerSpec],
+    dtype: torch.dtype,
+    device: torch.device,
+    requested: Kernel,
+    rows: list[list[int]],
+    refs: list[torch.Tensor],
+    noise: float,
+) -> AttentionKernels:
+    """The attention kernels for this model (`kernels.choose`), checked like SDPA was: SDPA if they fail."""
+    heads = getattr(model.config.get_text_config(), "num_attention_heads", None)
+    if not isinstance(heads, int):  # cannot time it at this model's shape: the fused kernel, as before
+        return SDPA_ONLY
+    spec = specs[0]
+    shape = HeadShape(heads, spec.heads, spec.key_dim, spec.value_dim)
+    chosen = kernels.choose(shape, dtype, device, requested)
+    if Kernel.MATMUL not in (chosen.decode, chosen.prefill):
+        return chosen
+    try:
+        got = _batched(model, layout, specs, dtype, device, rows, chosen)
+    except Exception as exc:  # noqa: BLE001 - logged; SDPA still works
+        log.warning("matmul attention failed on this model (%s: %s): using SDPA", type(exc).__name__, exc)
+        return SDPA_ONLY
+    if all(_close(g, ref, noise) for g, ref in zip(got, refs, strict=True)):
+        return chosen
+    log.warning("matmul attention's output differs from the model's own on this model: using SDPA")
+    return SDPA_ONLY
 
 
 def _batched(
@@ -94,6 +129,7 @@ def _batched(
     dtype: torch.dtype,
     device: torch.device,
     rows: list[list[int]],
+    chosen: AttentionKernels = SDPA_ONLY,
 ) -> list[torch.Tensor]:
     """Prefill `rows` together, then one decode step of token 6 for each: the decode step's logits."""
     kv = SlotKV(layout, specs, dtype, device, window_columns=(layout.window or 0) + 8)
@@ -104,9 +140,9 @@ def _batched(
         kv.add_row()
         ids[i, width - len(r) :] = torch.tensor(r, device=device)
         pos[i, width - len(r) :] = torch.arange(len(r), device=device)
-    attention.planned_forward(model, kv, ids, pos, [len(r) for r in rows])
+    attention.planned_forward(model, kv, ids, pos, [len(r) for r in rows], chosen)
     step = torch.full((len(rows), 1), 6, dtype=torch.long, device=device)
     out = attention.planned_forward(
-        model, kv, step, torch.tensor([[len(r)] for r in rows], device=device), [1] * len(rows)
+        model, kv, step, torch.tensor([[len(r)] for r in rows], device=device), [1] * len(rows), chosen
     )
     return [out.logits[i, -1].float() for i in range(len(rows))]
