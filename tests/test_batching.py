@@ -4,6 +4,7 @@ join and leave between decode steps, limits and per-request settings hold, abort
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -144,3 +145,16 @@ def test_sequential_fallback_gives_the_same_output(model_dir: Path, solo: Harnes
     finally:
         HFEngine._batching_unsupported = original  # type: ignore[method-assign]
     assert "continuous batching is off" in caplog.text
+
+
+def test_stream_interval_sends_the_first_token_at_once(model_dir: Path, solo: Harness) -> None:
+    """`--stream-interval 4`: chunks of 4 tokens, but the first token leaves alone (time to first token)."""
+    want = solo.alone(PROMPTS[1])
+
+    async def chunks(engine: HFEngine) -> list[tuple[int, str]]:
+        return [(c.tokens, c.text) async for c in engine.generate(engine.encode(PROMPTS[1]), GREEDY)]
+
+    with contextlib.contextmanager(harness)(model_dir, stream_interval=4) as h:
+        got = h.run(chunks(h.engine))
+    assert [n for n, _ in got] == [1, 4, 4, 4, 4, 4, 3]
+    assert "".join(text for _, text in got) == want.text

@@ -92,7 +92,8 @@ class Sequence:
         return self.params.prompt_logprobs is not None and not self.generated
 
     def accept(self, sampled: Sampled, texts: TokenTexts, stream_interval: int) -> bool:
-        """Record a sampled token, stream what is due; True when the sequence is finished."""
+        """Record a sampled token, stream what is due (every `stream_interval` tokens, the first at once);
+        True when the sequence is finished."""
         assert self.detok is not None and self.stops is not None and self.sampler is not None
         token = sampled.token
         self.generated.append(token)
@@ -122,6 +123,7 @@ class Sequence:
         if finish is not None:
             self.push(self.take_chunk(finish))
             return True
-        if self.pending_tokens >= max(1, stream_interval) and self.pending_text:
+        due = max(1, stream_interval) if self.cache_reported else 1  # cache_reported: a chunk has left
+        if self.pending_tokens >= due and self.pending_text:
             self.push(self.take_chunk())
         return False
