@@ -13,18 +13,22 @@ from transformers import AutoModelForCausalLM
 from llmstack.services.engines.hf import lm_head
 from llmstack.services.engines.hf.packing import pack_linear_weights
 
+PLANS = [lm_head.VOCABULARY_MAJOR, lm_head.HeadPlan(False, True), lm_head.HeadPlan(True, False)]
 
+
+@pytest.mark.parametrize("plan", PLANS, ids=["vocabulary-major", "linear-one-row", "linear-many-rows"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gemma_sized_head_gives_linears_logits(dtype: torch.dtype) -> None:
+def test_gemma_sized_head_gives_linears_logits(dtype: torch.dtype, plan: lm_head.HeadPlan) -> None:
     """bfloat16: each row's logits are the same bits whatever the batch (what greedy batched == solo needs;
-    `F.linear`'s are not above 32 rows) and `F.linear`'s up to 32 rows; float32: within rounding of them."""
+    `F.linear`'s are not above 32 rows) and `F.linear`'s up to 32 rows, whichever products the plan
+    picks (the choice timed at load changes no logits); float32: within rounding of them."""
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(262144, 640, generator=gen) * 0.05).to(dtype)  # Gemma 3's tied head
     hidden = torch.randn(lm_head.MAX_ROWS + 1, 640, generator=gen).to(dtype)
-    solo = [lm_head._forward(weight, hidden[i : i + 1].unsqueeze(1))[0] for i in range(3)]
+    solo = [lm_head._forward(weight, hidden[i : i + 1].unsqueeze(1), plan)[0] for i in range(3)]
     for rows in (1, 2, 5, 8, 16, 32, 33, lm_head.MAX_ROWS):
         x = hidden[:rows].unsqueeze(1)  # (rows, 1, hidden), as a decode step hands it over
-        got = lm_head._forward(weight, x)
+        got = lm_head._forward(weight, x, plan)
         assert got.shape == (rows, 1, 262144) and got.is_contiguous() and got.dtype == torch.float32
         plain = F.linear(x, weight).float()
         if dtype == torch.bfloat16:
@@ -34,6 +38,13 @@ def test_gemma_sized_head_gives_linears_logits(dtype: torch.dtype) -> None:
             assert torch.allclose(got, plain, rtol=1e-5, atol=1e-5), (rows, (got - plain).abs().max())
     above = lm_head._forward(weight, hidden.unsqueeze(1))  # a prompt's logits: the plain linear, model dtype
     assert above.dtype == dtype and torch.equal(above, F.linear(hidden.unsqueeze(1), weight))
+
+
+def test_bfloat16_heads_are_timed_at_load_float32_ones_are_not() -> None:
+    weight = torch.randn(4096, 64).bfloat16()
+    plan = lm_head.plan_head(weight)
+    assert "timed at load" in plan.describe() and "1 row " in plan.why and "8 rows " in plan.why
+    assert lm_head.plan_head(weight.float()) == lm_head.VOCABULARY_MAJOR
 
 
 def _generate(model: torch.nn.Module, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], torch.Tensor]:

@@ -30,7 +30,6 @@ from llmstack.services.engines.base import Chunk, EngineStats, TemplatedEngine
 from llmstack.services.engines.hf.batcher import Batcher, BatchLimits
 from llmstack.services.engines.hf.grammar import Grammars
 from llmstack.services.engines.hf.kernels import Kernel
-from llmstack.services.engines.hf.lm_head import MAX_ROWS as MAX_HEAD_ROWS
 from llmstack.services.engines.hf.lm_head import vocabulary_major_head
 from llmstack.services.engines.hf.loading import (
     EngineConfigError,
@@ -164,8 +163,9 @@ class HFEngine(TemplatedEngine):
         packed = pack_linear_weights(model, self.device)
         if packed:
             log.info("bfloat16 weights of %d linear layers packed for oneDNN (read once per step)", packed)
-        if vocabulary_major_head(model):
-            log.info("LM head: vocabulary-major products at decode sizes (<= %d rows)", MAX_HEAD_ROWS)
+        head = vocabulary_major_head(model)
+        if head is not None:
+            log.info("LM head at decode sizes: %s", head.describe())
         self.context_length = context_length_of(model_config, self.tokenizer)
         if self.kind == "chat":
             self.renderer = ChatRenderer(self.tokenizer, cfg.model_path, cfg.conv_template, *checkpoint.hints)

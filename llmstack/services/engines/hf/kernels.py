@@ -89,7 +89,7 @@ class HeadShape:
     value_dim: int
 
 
-def _fastest_seconds(fns: list[Callable[[], object]], runs: int = 7) -> list[float]:
+def fastest_seconds(fns: list[Callable[[], object]], runs: int = 7) -> list[float]:
     """Each function's fastest of `runs` timed calls, the calls interleaved (a burst of noise on a shared
     machine then slows every candidate alike, and the minimum is the least disturbed figure)."""
     for fn in fns:  # warm: first calls allocate and pick oneDNN primitives
@@ -125,7 +125,7 @@ def _time_both(
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
     with torch.inference_mode():
-        sdpa_s, matmul_s = _fastest_seconds([sdpa, lambda: matmul_attention(q, k, v, mask, scale)])
+        sdpa_s, matmul_s = fastest_seconds([sdpa, lambda: matmul_attention(q, k, v, mask, scale)])
     return sdpa_s, matmul_s
 
 
