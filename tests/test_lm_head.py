@@ -40,6 +40,21 @@ def test_gemma_sized_head_gives_linears_logits(dtype: torch.dtype, plan: lm_head
     assert above.dtype == dtype and torch.equal(above, F.linear(hidden.unsqueeze(1), weight))
 
 
+def test_a_packed_copy_of_the_head_gives_linears_logits() -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(262144, 640, generator=gen) * 0.05).bfloat16()
+    packed = lm_head._packed_copy(weight)
+    assert packed is not None  # 320 MiB: within the limit; packing works on every CPU this runs on
+    plan = lm_head.HeadPlan(packed=packed)
+    assert "packed copy of the head for oneDNN" in plan.describe()
+    for rows in (1, 8, 33):
+        x = torch.randn(rows, 1, 640, generator=gen).bfloat16()
+        got = lm_head._forward(weight, x, plan)
+        assert got.shape == (rows, 1, 262144) and got.dtype == torch.float32
+        torch.testing.assert_close(got, F.linear(x, weight).float(), rtol=2**-7, atol=2**-7)
+    assert lm_head._packed_copy(torch.empty(lm_head.PACKED_COPY_LIMIT // 2 + 1, 2, dtype=torch.bfloat16)) is None
+
+
 def test_bfloat16_heads_are_timed_at_load_float32_ones_are_not() -> None:
     weight = torch.randn(4096, 64).bfloat16()
     plan = lm_head.plan_head(weight)
