@@ -65,6 +65,10 @@ def matmul_attention(
     rows, heads, queries, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
+    # the cache hands over views of its slabs (rows padded to more columns than used): torch's batched
+    # matmul on such strided batches was 4.8x slower than on a compact copy, which costs far less (32 rows x
+    # 12 heads x 100 positions, one thread: 2.8 ms against 0.57 ms, plus 0.15 ms for the copy)
+    key, value = key.contiguous(), value.contiguous()
     q = query.reshape(rows, kv_heads, groups * queries, dim)
     scores = torch.matmul(q, key.transpose(-1, -2)).float()  # (rows, kv_heads, groups x queries, keys)
     scores.mul_(scale)
