@@ -176,13 +176,18 @@ def test_responses_stream_events(agent_target: AgentTarget, openapi_validate) ->
 def test_responses_json_schema_format(agent_target: AgentTarget, openapi_validate) -> None:
     text = {"format": {"type": "json_schema", "name": "person", "schema": SCHEMAS["person"], "strict": True}}
     r = agent_target.openai.responses.create(
-        model=MODEL, input="Who are you?", text=text, max_output_tokens=60, temperature=0
+        model=MODEL, input="Who are you?", text=text, max_output_tokens=120, temperature=0
     )
-    jsonschema.validate(json.loads(r.output_text), SCHEMAS["person"])
     assert r.text.format.type == "json_schema"
-    body = {"model": MODEL, "input": "Who?", "text": text, "max_output_tokens": 60, "stream": True}
+    if r.status == "incomplete":  # the random model wrote an endless integer (the schema allows one): cut
+        assert r.incomplete_details.reason == "max_output_tokens" and r.output_text.startswith('{"name":')
+    else:
+        jsonschema.validate(json.loads(r.output_text), SCHEMAS["person"])
+    # greedy as above: the stream writes the same text
+    body = {"model": MODEL, "input": "Who are you?", "text": text, "max_output_tokens": 120, "stream": True,
+            "temperature": 0}  # fmt: skip
     final = check_response_events(sse_events(post(agent_target, "/v1/responses", body)), openapi_validate)
-    jsonschema.validate(json.loads(final["output"][0]["content"][0]["text"]), SCHEMAS["person"])
+    assert final["output"][0]["content"][0]["text"] == r.output_text
 
 
 def test_responses_reasoning_items(agent_target: AgentTarget, openapi_validate) -> None:

@@ -18,11 +18,13 @@ def artifact_path(name: str) -> Path:
 
 
 def start_tiny_stack(log_dir: Path, model_dir: Path, *api_args: str) -> Stack:
-    """Controller + one tiny-model worker (served as `tiny`) + API server, all real processes."""
+    """Controller + one tiny-model worker (served as `tiny`) + API server, all real processes.  float32: the
+    tests compare what a face shows with the server's own greedy answer, and a random model's logits are
+    near-ties that bfloat16 rounding (which depends on shapes: batch, prefix-cache hit, kernel) can tip."""
     stack = new_stack(log_dir)
     try:
         stack.start_controller()
-        stack.start_worker("worker-tiny", model_dir, "--model-names", "tiny")
+        stack.start_worker("worker-tiny", model_dir, "--model-names", "tiny", "--dtype", "float32")
         stack.start_api(*api_args)
         stack.wait_models("tiny")
     except BaseException:
