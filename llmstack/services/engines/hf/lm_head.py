@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from llmstack.services.engines.hf.kernels import fastest_seconds
-from llmstack.services.engines.hf.packing import PACKED_FOR_ROWS, packing_available
+from llmstack.services.engines.hf.packing import packed_linear, packed_weight, packing_available
 
 MAX_ROWS = 64  # measured up to 64; beyond, the plain linear and the model's dtype
 PACKED_COPY_LIMIT = 512 * 1024 * 1024  # bytes of head a packed copy may add
@@ -62,7 +62,7 @@ def _forward(weight: torch.Tensor, x: torch.Tensor, plan: HeadPlan = VOCABULARY_
         return F.linear(x, weight)
     flat = x.reshape(rows, x.shape[-1])
     if plan.packed is not None:
-        logits = torch.ops.mkldnn._linear_pointwise(flat, plan.packed, None, "none", [], "").float()
+        logits = packed_linear(plan.packed, None, flat).float()
     elif not (plan.one_row if rows == 1 else plan.many_rows):
         logits = F.linear(flat, weight).float()
     elif rows == 1:
@@ -102,7 +102,7 @@ def _packed_copy(weight: torch.Tensor) -> torch.Tensor | None:
     if weight.numel() * weight.element_size() > PACKED_COPY_LIMIT or not packing_available(weight.dtype, weight.device):
         return None
     try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_FOR_ROWS)
+        return packed_weight(weight)
     except RuntimeError:  # an oneDNN that cannot reorder this shape: the plain products
         return None
 

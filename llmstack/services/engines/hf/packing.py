@@ -32,8 +32,14 @@ def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
     )
 
 
-def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` from the weight's packed copy (`packed_weight`)."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight reordered into oneDNN's blocked layout (a RuntimeError where oneDNN cannot take the shape)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_FOR_ROWS)
 
 
 def _shared_weights(model: Any) -> set[int]:
@@ -58,12 +64,12 @@ def pack_linear_weights(model: Any, device: torch.device) -> int:
         if weight.device.type != "cpu" or weight.data_ptr() in keep:
             continue
         try:
-            blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_FOR_ROWS)
+            blocked = packed_weight(weight)
         except RuntimeError as exc:  # an oneDNN that cannot reorder this shape: plain linear for all
             log.warning("cannot prepack bfloat16 linear weights (%s): they stay in the plain layout", exc)
             return packed
         bias = module.bias.detach() if module.bias is not None else None
-        module.forward = functools.partial(_packed_forward, blocked, bias)
+        module.forward = functools.partial(packed_linear, blocked, bias)
         module.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
         packed += 1
     return packed
