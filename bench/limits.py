@@ -51,7 +51,15 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
     return x.numel() * 4 / seconds / 1e9
 
 
-def matmul_throughput(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+def matmul_throughput(dtype: torch.dtype, n: int = 2048, repeats: int = 5, budget_s: float = 0.5) -> float:
+    """GFLOP/s of a square matmul: `n` wide, or narrower where one product would take over `budget_s`
+    (bfloat16 without AVX-512-BF16/AMX is emulated at a few hundred MFLOP/s: 2048 wide takes a minute)."""
+    probe = 256
+    a = torch.randn(probe, probe).to(dtype)
+    b = torch.randn(probe, probe).to(dtype)
+    rate = 2 * probe**3 / _best(lambda: a @ b, 1)  # FLOP/s, roughly
+    while n > probe and 2 * n**3 / rate > budget_s:
+        n //= 2
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     seconds = _best(lambda: a @ b, repeats)
