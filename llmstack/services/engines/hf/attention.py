@@ -79,16 +79,21 @@ def slot_attention(
     if kernel == Kernel.MATMUL and fits_matmul(query, key):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return matmul_attention(query, key, value, mask, scale).transpose(1, 2).contiguous(), None
-    groups = query.shape[1] // key.shape[1]
+    groups, value_dtype = query.shape[1] // key.shape[1], value.dtype
     gqa = groups > 1
     if gqa and query.device.type != "cpu" and mask is not None:
         # CUDA's SDPA kernels take grouped heads only without a mask (transformers' `use_gqa_in_sdpa`)
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
         gqa = False
+    exact = _active.kernels.float32_sdpa
+    if exact:
+        query, key, value = query.float(), key.float(), value.float()
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa
     )
+    if exact:
+        out = out.to(value_dtype)
     return out.transpose(1, 2).contiguous(), None
 
 

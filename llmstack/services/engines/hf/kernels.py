@@ -43,6 +43,7 @@ class AttentionKernels:
     decode: Kernel = Kernel.SDPA
     prefill: Kernel = Kernel.SDPA
     why: str = ""
+    float32_sdpa: bool = False  # SDPA on float32 copies whatever the dtype: the probe's yardstick for rounding
 
     def for_queries(self, queries: int) -> Kernel:
         return self.decode if queries == 1 else self.prefill
