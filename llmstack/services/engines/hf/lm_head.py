@@ -33,6 +33,10 @@ from llmstack.services.engines.hf.packing import packed_linear, packed_weight, p
 
 MAX_ROWS = 64  # measured up to 64; beyond, the plain linear and the model's dtype
 PACKED_COPY_LIMIT = 512 * 1024 * 1024  # bytes of head a packed copy may add
+# oneDNN's bfloat16 products (F.linear, the packed copy) give a row the bits torch.mv gives it up to 32 rows,
+# not above (measured on AMX: 33 rows differ by 2**-8): larger decode batches take the vocabulary-major product,
+# so a row's greedy token never depends on how many rows share its step
+ONEDNN_ROW_CONSISTENT_ROWS = 32
 _PACKED_FASTER_BY = 0.85  # the packed copy is kept only below this fraction of the best plain product's time
 
 
@@ -61,9 +65,9 @@ def _forward(weight: torch.Tensor, x: torch.Tensor, plan: HeadPlan = VOCABULARY_
     if rows > MAX_ROWS or rows == 0:
         return F.linear(x, weight)
     flat = x.reshape(rows, x.shape[-1])
-    if plan.packed is not None:
+    if plan.packed is not None and rows <= ONEDNN_ROW_CONSISTENT_ROWS:
         logits = packed_linear(plan.packed, None, flat).float()
-    elif not (plan.one_row if rows == 1 else plan.many_rows):
+    elif rows <= ONEDNN_ROW_CONSISTENT_ROWS and not (plan.one_row if rows == 1 else plan.many_rows):
         logits = F.linear(flat, weight).float()
     elif rows == 1:
         logits = torch.mv(weight, flat[0]).float().unsqueeze(0)
