@@ -75,3 +75,21 @@ def test_chat_flatness_compares_medians_of_early_and_late_turns() -> None:
     assert chat_growth([0.1, 0.07, 0.2, 0.07, 0.1, 0.1, 0.1, 0.07, 0.2, 0.07]) == 1.0  # one slow turn each
     growing = [0.12, 0.17, 0.25, 0.31, 0.42, 0.64, 0.57, 0.71, 0.85, 0.84]  # measured without the cache
     assert chat_growth(growing) == 0.84 / 0.25
+
+
+def test_a_target_against_a_server_that_did_not_run_is_not_judged_met() -> None:
+    from bench.ceiling_report import targets_lines
+
+    def run(server: str, tps: dict[int, float]) -> dict:
+        levels = [{"streams": n, "tokens_per_s": t, "ttft_p50_s": 1.0} for n, t in tps.items()]
+        return {"model": "gemma", "server": server, "levels": levels, "ceilings": {"batch1": 20.0}}
+
+    hf = run("llmstack transformers", {1: 5.0, 8: 16.0, 16: 24.0})
+    results = {"runs": [hf, run("vllm serve (auto)", {1: 5.0, 8: 6.0, 16: 30.0})]}
+    assert "1.0x vllm serve (auto) (fastest): 2.67x, met" in "\n".join(targets_lines(results))
+    results["errors"] = ["gemma vllm serve (float32): exited with -9"]
+    lines = "\n".join(targets_lines(results))
+    assert (
+        "8 streams >= 1.0x vllm serve (auto) (fastest): 2.67x, not judged (vllm serve (float32) did not run)" in lines
+    )
+    assert "16 streams >= 1.0x vllm serve (auto) (fastest): 0.80x, MISSED" in lines  # slower than one that ran
