@@ -65,9 +65,10 @@ def _forward(weight: torch.Tensor, x: torch.Tensor, plan: HeadPlan = VOCABULARY_
     if rows > MAX_ROWS or rows == 0:
         return F.linear(x, weight)
     flat = x.reshape(rows, x.shape[-1])
-    if plan.packed is not None and rows <= ONEDNN_ROW_CONSISTENT_ROWS:
+    onednn = rows <= ONEDNN_ROW_CONSISTENT_ROWS
+    if onednn and plan.packed is not None:
         logits = packed_linear(plan.packed, None, flat).float()
-    elif rows <= ONEDNN_ROW_CONSISTENT_ROWS and not (plan.one_row if rows == 1 else plan.many_rows):
+    elif onednn and not (plan.one_row if rows == 1 else plan.many_rows):
         logits = F.linear(flat, weight).float()
     elif rows == 1:
         logits = torch.mv(weight, flat[0]).float().unsqueeze(0)
