@@ -11,12 +11,14 @@ solo needs this); in float32 they are within rounding (4e-6) of `F.linear`'s, wh
 between batch sizes.  Above `MAX_ROWS` (a prompt's logits for prompt logprobs) the head runs as before.
 
 Which way is faster depends on the CPU: on an AMD EPYC (AVX512-BF16, no AMX) one bfloat16 row took 27.9 ms
-as `torch.mv` against 17.4 ms with `F.linear`, and 4 rows 29.3 ms as `W @ X.T` against 20.5 ms.  So in
-bfloat16 the engine times both at load, for one row and for 8, and keeps the faster (`plan_head`); the two
+as `torch.mv` against 17.4 ms with `F.linear`, and 4 rows 29.3 ms as `W @ X.T` against 20.5 ms.  So the
+engine times both at load, for one row and for 8, and keeps the faster (`plan_head`); in bfloat16 the two
 give the same bits up to 32 rows, so the choice changes no logits.  A third candidate is a copy of the head
-reordered for oneDNN (as `packing` does for the other linears: 9.9 ms a row there, 34 GB/s), kept only when
-it is clearly the fastest and the copy is small (`PACKED_COPY_LIMIT`: it doubles the head's memory, the
-input embedding still needing the plain weight); its logits match `F.linear`'s within bfloat16 rounding.
+reordered for oneDNN (as `packing` does for the other linears: 9.9 ms a bfloat16 row on the EPYC, 34 GB/s;
+on a 2-core AVX2 host, float32, 22 ms a row against 46 with `torch.mv`, which runs on one core, and 35
+against 59 ms at 8 rows), kept only when it is clearly the fastest and the copy is not too large
+(`PACKED_COPY_LIMIT`: it doubles the head's memory, the input embedding still needing the plain weight);
+its logits match `F.linear`'s within rounding, and a row's are the same whatever the batch.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from llmstack.services.engines.hf.kernels import fastest_seconds
 from llmstack.services.engines.hf.packing import packed_linear, packed_weight, packing_available
 
 MAX_ROWS = 64  # measured up to 64; beyond, the plain linear and the model's dtype
-PACKED_COPY_LIMIT = 512 * 1024 * 1024  # bytes of head a packed copy may add
+PACKED_COPY_LIMIT = 1024 * 1024 * 1024  # bytes of head a packed copy may add (Gemma 3's in float32: 640 MiB)
 # oneDNN's bfloat16 products (F.linear, the packed copy) give a row the bits torch.mv gives it up to 32 rows,
 # not above (measured on AMX: 33 rows differ by 2**-8): larger decode batches take the vocabulary-major product,
 # so a row's greedy token never depends on how many rows share its step
@@ -79,11 +81,8 @@ def _forward(weight: torch.Tensor, x: torch.Tensor, plan: HeadPlan = VOCABULARY_
 
 
 def plan_head(weight: torch.Tensor) -> HeadPlan:
-    """In bfloat16, the faster product for 1 row and for 8 rows, timed here on the head itself (and a packed
-    copy, where `packing` works and the copy is small); float32 keeps the vocabulary-major products
-    (measured: as fast or faster, and greedy output is compared token for token in float32)."""
-    if weight.dtype != torch.bfloat16:
-        return VOCABULARY_MAJOR
+    """The faster product for 1 row and for 8 rows, timed here on the head itself (and a packed copy, where
+    `packing` works and the copy is not too large)."""
     packed = _packed_copy(weight)
     picks, notes, plain_best, packed_best = [], [], 0.0, 0.0
     with torch.inference_mode():

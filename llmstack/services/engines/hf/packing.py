@@ -1,11 +1,19 @@
-"""bfloat16 linear layers on a CPU run from weights reordered once into oneDNN's blocked layout.
+"""Linear layers on a CPU run from weights reordered once into oneDNN's blocked layout.
 
-torch's `F.linear` on a plain bfloat16 weight has oneDNN reorder the weight on every call, so a decode step
+bfloat16: torch's `F.linear` on a plain weight has oneDNN reorder the weight on every call, so a decode step
 reads each weight twice: measured on Gemma 3 270M on a 2-core AMX host, a batch-1 step took 50.6 ms with the
-plain weights and 40.4 ms with packed ones (16 rows: 66 and 62 ms), with the same tokens.  The packed weight
-replaces the plain one (no second copy); the module keeps an empty `weight` of the same dtype, so `model.dtype`
-and `model.device` still answer.  Layers whose weight another module shares (a tied LM head is the input
-embedding too) and the output embeddings stay as they are, as does every quantised or non-CPU layer.
+plain weights and 40.4 ms with packed ones (16 rows: 66 and 62 ms), with the same tokens.
+
+float32: `F.linear` runs MKL, whose one-row product (a decode step at batch 1) uses one core: on a 2-core
+AVX2 host Gemma 3 270M's 126 decoder matrices took 25-31 ms a step at 1 row, packed 17 ms; at 8 rows 48-64
+against 25 ms, at 16 rows 59-75 against 38 ms; a 512-token prefill chunk about the same.  A packed row's
+values are also the same bits whatever the batch (measured 1 to 40 rows; MKL's are not).  Whether it pays
+depends on the CPU, so float32 weights are packed only where timing at load says so (`_packing_pays`).
+
+The packed weight replaces the plain one (no second copy); the module keeps an empty `weight` of the same
+dtype, so `model.dtype` and `model.device` still answer.  Layers whose weight another module shares (a tied
+LM head is the input embedding too) and the output embeddings stay as they are, as does every quantised or
+non-CPU layer.
 """
 
 from __future__ import annotations
@@ -23,13 +31,17 @@ log = logging.getLogger("llmstack.engine.hf")
 PACKED_FOR_ROWS = 16
 
 
+# float32 weights are packed only when their products take at most this fraction of MKL's time, timed at load
+_PACKED_FASTER_BY = 0.85
+_TIMED_BYTES = 64 * 2**20  # weights timed at load: more than a CPU cache holds, as a decode step streams them
+
+
 def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
-    return (
-        dtype == torch.bfloat16
-        and device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    )
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -51,22 +63,73 @@ def _shared_weights(model: Any) -> set[int]:
     return keep
 
 
-def pack_linear_weights(model: Any, device: torch.device) -> int:
-    """Pack the model's plain bfloat16 `nn.Linear` weights (see the module docstring); how many were packed."""
-    if not packing_available(next(model.parameters()).dtype, device):
-        return 0
+def _packable(model: Any, dtype: torch.dtype) -> list[torch.nn.Linear]:
     keep = _shared_weights(model)
-    packed = 0
+    found = []
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if type(module) is not torch.nn.Linear or weight is None or weight.dtype != torch.bfloat16:
+        if type(module) is not torch.nn.Linear or weight is None or weight.dtype != dtype:
             continue
         if weight.device.type != "cpu" or weight.data_ptr() in keep:
             continue
+        found.append(module)
+    return found
+
+
+def _packing_pays(linears: list[torch.nn.Linear]) -> tuple[bool, str]:
+    """Whether the packed products are clearly faster than `F.linear` on this CPU, timed on the model's
+    first linears (at least `_TIMED_BYTES` of them) at 1 and 8 rows, as decode steps run them."""
+    from llmstack.services.engines.hf.kernels import fastest_seconds
+
+    timed, size = [], 0
+    for module in linears:
+        timed.append(module)
+        size += module.weight.numel() * module.weight.element_size()
+        if size >= _TIMED_BYTES:
+            break
+    try:
+        packed = [packed_weight(m.weight) for m in timed]
+    except RuntimeError as exc:
+        return False, f"oneDNN cannot reorder them: {exc}"
+    notes, plain_total, packed_total = [], 0.0, 0.0
+    with torch.inference_mode():
+        for rows in (1, 8):
+            inputs = {m.in_features: torch.zeros(rows, m.in_features, dtype=m.weight.dtype) for m in timed}
+
+            def plain(inputs: dict = inputs) -> None:
+                for m in timed:
+                    torch.nn.functional.linear(inputs[m.in_features], m.weight)
+
+            def blocked(inputs: dict = inputs) -> None:
+                for m, p in zip(timed, packed, strict=True):
+                    packed_linear(p, None, inputs[m.in_features])
+
+            plain_s, packed_s = fastest_seconds([plain, blocked], runs=3)
+            plain_total, packed_total = plain_total + plain_s, packed_total + packed_s
+            notes.append(f"{rows} row{'s' if rows > 1 else ''} {packed_s * 1e3:.1f} vs {plain_s * 1e3:.1f} ms")
+    why = f"timed at load on {len(timed)} matrices, packed vs F.linear: " + ", ".join(notes)
+    return packed_total <= _PACKED_FASTER_BY * plain_total, why
+
+
+def pack_linear_weights(model: Any, device: torch.device, timed: bool = True) -> int:
+    """Pack the model's plain bfloat16 or float32 `nn.Linear` weights where oneDNN can (bfloat16) and where it
+    pays (float32: timed here unless `timed` is False; see the module docstring); how many were packed."""
+    dtype = next(model.parameters()).dtype
+    if not packing_available(dtype, device):
+        return 0
+    linears = _packable(model, dtype)
+    if dtype == torch.float32 and linears and timed:
+        pays, why = _packing_pays(linears)
+        log.info("float32 linear weights %s for oneDNN (%s)", "packed" if pays else "left plain", why)
+        if not pays:
+            return 0
+    packed = 0
+    for module in linears:
+        weight = module.weight
         try:
             blocked = packed_weight(weight)
         except RuntimeError as exc:  # an oneDNN that cannot reorder this shape: plain linear for all
-            log.warning("cannot prepack bfloat16 linear weights (%s): they stay in the plain layout", exc)
+            log.warning("cannot prepack %s linear weights (%s): they stay in the plain layout", dtype, exc)
             return packed
         bias = module.bias.detach() if module.bias is not None else None
         module.forward = functools.partial(packed_linear, blocked, bias)
