@@ -162,7 +162,8 @@ class HFEngine(TemplatedEngine):
         self.device = torch.device(plan.move_to or ("cpu" if device == "cpu" else model.device))
         packed = pack_linear_weights(model, self.device)
         if packed:
-            log.info("%s weights of %d linear layers packed for oneDNN", str(model.dtype).removeprefix("torch."), packed)
+            dtype = str(model.dtype).removeprefix("torch.")
+            log.info("%s weights of %d linear layers packed for oneDNN", dtype, packed)
         head = vocabulary_major_head(model)
         if head is not None:
             log.info("LM head at decode sizes: %s", head.describe())
