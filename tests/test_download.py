@@ -194,9 +194,36 @@ def _assert_remedies(message: str, mirror_env: str) -> None:
     assert "offline" in message
 
 
-def test_unreachable_modelscope_fails_fast_with_remedies(tmp_path: Path) -> None:
-    if probe_hub(hub_endpoints("modelscope")) is None:
-        pytest.skip("ModelScope is reachable from this machine; the unreachable path cannot be observed")
+@pytest.fixture
+def blackhole() -> Iterator[str]:
+    """An endpoint that drops connection attempts, as a firewalled hub does: a loopback listener whose accept
+    queue is full, so the kernel ignores further SYNs and a connect times out (a closed port would refuse at
+    once).  Real sockets: whether the real hubs answer from this machine does not matter."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        fillers.append(sock)
+    time.sleep(0.1)
+    endpoint = f"http://127.0.0.1:{port}"
+    assert probe_hub((endpoint,)) is not None, "the loopback blackhole accepted a connection"
+    try:
+        yield endpoint
+    finally:
+        for sock in [*fillers, server]:
+            sock.close()
+
+
+def test_unreachable_modelscope_fails_fast_with_remedies(
+    tmp_path: Path, blackhole: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", blackhole)  # the hub as configured, behind a firewall
+    assert hub_endpoints("modelscope") == (blackhole,)
     start = time.monotonic()
     with pytest.raises(DownloadError) as info:
         resolve_model(UNCACHED_ID, cache_dir=tmp_path)
@@ -221,9 +248,11 @@ def test_unreachable_mirror_endpoint_fails_fast(tmp_path: Path, source: str) -> 
     assert endpoint in str(info.value)
 
 
-def test_unreachable_huggingface_fails_fast_with_remedies(tmp_path: Path) -> None:
-    if probe_hub(hub_endpoints("huggingface")) is None:
-        pytest.skip("Hugging Face is reachable from this machine; the unreachable path cannot be observed")
+def test_unreachable_huggingface_fails_fast_with_remedies(
+    tmp_path: Path, blackhole: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", blackhole)
+    assert hub_endpoints("huggingface") == (blackhole,)
     start = time.monotonic()
     with pytest.raises(DownloadError) as info:
         resolve_model(UNCACHED_ID, source="huggingface", cache_dir=tmp_path)
