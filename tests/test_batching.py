@@ -158,3 +158,44 @@ def test_stream_interval_sends_the_first_token_at_once(model_dir: Path, solo: Ha
         got = h.run(chunks(h.engine))
     assert [n for n, _ in got] == [1, 4, 4, 4, 4, 4, 3]
     assert "".join(text for _, text in got) == want.text
+
+
+def test_cache_slabs_outlive_a_burst_and_go_back_when_idle(
+    model_dir: Path, solo: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An emptied batch keeps its slabs (the next burst does not regrow them, copying every layer each
+    doubling); an engine idle for IDLE_RELEASE_S gives them back.  Output is the same either way."""
+    from llmstack.services.engines.hf import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "IDLE_RELEASE_S", 1.5)
+    expected = [solo.alone(p) for p in PROMPTS]
+    for h in harness(model_dir):
+        batcher = h.engine._batcher
+        assert batcher is not None
+        small = _slab_bytes(batcher)
+        first = h.together(*((p, GREEDY, 0.0) for p in PROMPTS))
+        assert h.wait_idle()
+        grown = _slab_bytes(batcher)
+        assert grown > small and batcher.decoding.row_capacity >= len(PROMPTS)
+        slabs = [layer.k for layer in batcher.decoding.slabs]
+        second = h.together(*((p, GREEDY, 0.0) for p in PROMPTS))  # within the idle time: the same slabs
+        assert all(a is layer.k for a, layer in zip(slabs, batcher.decoding.slabs, strict=True))
+        assert [r.ids for r in first] == [r.ids for r in second] == [e.ids for e in expected]
+
+        assert h.run(_shrinks_to(batcher, small)), f"slabs still hold {_slab_bytes(batcher)} bytes (idle: {small})"
+        third = h.together((PROMPTS[1], GREEDY, 0.0))  # regrown from the small slab, same output
+        assert third[0].ids == expected[1].ids
+
+
+def _slab_bytes(batcher: Any) -> int:
+    return sum(
+        layer.k.numel() * layer.k.element_size() for kv in (batcher.decoding, batcher.prefilling) for layer in kv.slabs
+    )
+
+
+async def _shrinks_to(batcher: Any, size: int, seconds: float = 5.0) -> bool:
+    for _ in range(int(seconds / 0.05)):
+        if _slab_bytes(batcher) == size:
+            return True
+        await asyncio.sleep(0.05)
+    return False
