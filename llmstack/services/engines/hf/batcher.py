@@ -104,11 +104,6 @@ class Batcher:
         self._enforce_budget()
         return emitted
 
-    def release_memory(self) -> None:
-        """Called once the engine is idle: the empty caches give their slabs back."""
-        self.decoding.release()
-        self.prefilling.release()
-
     def fail_all(self, exc: BaseException, reset: bool = True) -> None:
         """Every sequence in the batch gets `exc`; the caches start afresh (unless shutting down)."""
         for seq in [*self.running, *self.pending]:

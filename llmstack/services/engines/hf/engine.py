@@ -52,9 +52,6 @@ log = logging.getLogger("llmstack.engine.hf")
 
 
 _GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
-# An engine with nothing to do for this long gives the batch's cache slabs back (`Batcher.release_memory`);
-# shorter gaps keep them, so a burst after a pause does not regrow them.
-IDLE_RELEASE_S = 10.0
 
 
 @dataclass
@@ -284,7 +281,7 @@ class HFEngine(TemplatedEngine):
             while True:
                 batcher = self._batcher
                 if not self.waiting and (batcher is None or not batcher.rows):
-                    first = self._next_request()
+                    first = self._pending.get()  # idle: block until a request arrives
                     if first is None:
                         break
                     self.waiting.append(first)
@@ -298,16 +295,6 @@ class HFEngine(TemplatedEngine):
             self._batcher = None
         for seq in self.waiting:
             seq.push(RuntimeError("the engine is shutting down"))
-
-    def _next_request(self) -> Sequence | None:
-        """Block until a request arrives (None: close() asked us to stop), giving the cache's memory back
-        first if none comes for `IDLE_RELEASE_S`."""
-        try:
-            return self._pending.get(timeout=IDLE_RELEASE_S)
-        except queue.Empty:
-            if self._batcher is not None:
-                self._batcher.release_memory()
-            return self._pending.get()
 
     def _drain_pending(self) -> bool:
         """Move newly submitted sequences to the waiting line; False once close() asked us to stop."""

@@ -222,6 +222,8 @@ class SlotKV(Cache):
             moved = last
         self.lengths.pop()
         self.counts.pop()
+        if not self.lengths:
+            self._shrink()
         return moved
 
     def _copy_within(self, src: int, dst: int) -> None:
@@ -231,12 +233,8 @@ class SlotKV(Cache):
             layer.k[dst, :, :used] = layer.k[src, :, :used]
             layer.v[dst, :, :used] = layer.v[src, :, :used]
 
-    def release(self) -> None:
-        """An empty cache gives its memory back, down to a small slab.  Not done as the last row leaves: the
-        prefill cache empties after every prefill and a decode batch between bursts, and regrowing the slabs
-        each time (a copy of every layer per doubling) took 11% of the benchmark worker's time at 32 streams."""
-        if self.lengths:
-            return
+    def _shrink(self) -> None:
+        """An empty batch gives its memory back, down to a small slab."""
         full_cols = 64
         for layer in self.slabs:
             if layer.k.shape[0] > 4 or (not layer.is_sliding and layer.k.shape[2] > full_cols):
