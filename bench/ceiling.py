@@ -409,6 +409,10 @@ def _start(kind: str, dtype: str | None, model_dir: Path, logs: Path) -> tuple[S
 
 
 MIN_FREE_BYTES = 6 * 2**30  # what one more vLLM server on Gemma 3 270M takes, with room to measure
+# What the started servers still grow by while they are measured: with four Gemma servers up, 3.3 GiB was left
+# after the last start and under 0.2 GiB by the 8-stream level, and the machine then spent minutes reclaiming
+# page cache (no swap): the next level's TTFT went from 0.1 to 179 s.  A server that leaves less is stopped again.
+MEASURE_HEADROOM_BYTES = 4 * 2**30
 
 
 def _memory_left() -> int:
@@ -440,6 +444,11 @@ def run_model(name: str, plan: Plan, limits: MachineLimits, out: Path, results: 
             except Exception as exc:
                 print(f"  {label} did not start: {exc}", file=sys.stderr)
                 results.setdefault("errors", []).append(f"{name} {label}: {exc}")
+                continue
+            if started and _memory_left() < MEASURE_HEADROOM_BYTES:
+                print(f"  {label} stopped: {_memory_left() / 2**30:.1f} GiB left to measure in", file=sys.stderr)
+                results.setdefault("errors", []).append(f"{name} {label}: stopped after start, memory")
+                server.stop()
                 continue
             started.append(
                 (server, Run(name, label, chosen, cost.ceilings(limits, chosen), start_s=time.perf_counter() - t0))
