@@ -411,7 +411,8 @@ def _start(kind: str, dtype: str | None, model_dir: Path, logs: Path) -> tuple[S
 MIN_FREE_BYTES = 6 * 2**30  # what one more vLLM server on Gemma 3 270M takes, with room to measure
 # What the started servers still grow by while they are measured: with four Gemma servers up, 3.3 GiB was left
 # after the last start and under 0.2 GiB by the 8-stream level, and the machine then spent minutes reclaiming
-# page cache (no swap): the next level's TTFT went from 0.1 to 179 s.  A server that leaves less is stopped again.
+# page cache (no swap): a system-prompt request's TTFT went from about 1 s to 179 s.  A server whose start
+# leaves less is stopped again.
 MEASURE_HEADROOM_BYTES = 4 * 2**30
 
 
@@ -419,6 +420,12 @@ def _memory_left() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
+
+
+def _left_out(results: dict, name: str, label: str, why: str) -> None:
+    """A server the run goes on without: said now, and listed in the results' errors."""
+    print(f"  {label} {why}", file=sys.stderr)
+    results.setdefault("errors", []).append(f"{name} {label}: {why}")
 
 
 def run_model(name: str, plan: Plan, limits: MachineLimits, out: Path, results: dict) -> list[Run]:
@@ -433,22 +440,21 @@ def run_model(name: str, plan: Plan, limits: MachineLimits, out: Path, results: 
         for label, kind, dtype in _starts(name, plan):
             if kind == "no-cache":
                 continue  # started alone, for the prefix targets only
-            if started and _memory_left() < MIN_FREE_BYTES:  # a machine that swaps or drops its page cache
-                print(f"  {label} not started: {_memory_left() / 2**30:.1f} GiB of memory left", file=sys.stderr)
-                results.setdefault("errors", []).append(f"{name} {label}: not started, memory")
+            left = _memory_left()
+            if started and left < MIN_FREE_BYTES:  # a machine that swaps or drops its page cache
+                _left_out(results, name, label, f"not started: {left / 2**30:.1f} GiB of memory left")
                 continue
             print(f"{name}: starting {label}", flush=True)
             t0 = time.perf_counter()
             try:
                 server, chosen = _start(kind, dtype, model_dir, logs)
             except Exception as exc:
-                print(f"  {label} did not start: {exc}", file=sys.stderr)
-                results.setdefault("errors", []).append(f"{name} {label}: {exc}")
+                _left_out(results, name, label, f"did not start: {exc}")
                 continue
-            if started and _memory_left() < MEASURE_HEADROOM_BYTES:
-                print(f"  {label} stopped: {_memory_left() / 2**30:.1f} GiB left to measure in", file=sys.stderr)
-                results.setdefault("errors", []).append(f"{name} {label}: stopped after start, memory")
+            left = _memory_left()
+            if started and left < MEASURE_HEADROOM_BYTES:
                 server.stop()
+                _left_out(results, name, label, f"stopped after start: {left / 2**30:.1f} GiB left to measure in")
                 continue
             started.append(
                 (server, Run(name, label, chosen, cost.ceilings(limits, chosen), start_s=time.perf_counter() - t0))
