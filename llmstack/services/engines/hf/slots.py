@@ -151,12 +151,15 @@ class _SlotLayer(CacheLayerMixin):
         return -1 if self.window is None else self.window
 
     def resize(self, rows: int, columns: int) -> None:
-        """New capacity; the used part of every row is kept."""
-        keep_rows, keep_cols = min(rows, self.k.shape[0]), min(columns, self.k.shape[2])
+        """New capacity; what the rows in use hold is kept.  Only the rows and columns in use are copied
+        (nothing else is read unmasked), so an emptied cache regrows with no copy at all."""
+        used_rows, used_cols = self.owner.used(self.is_sliding)
+        keep_rows, keep_cols = min(rows, used_rows), min(columns, used_cols)
         k = self.k.new_zeros((rows, self.k.shape[1], columns, self.k.shape[3]))
         v = self.v.new_zeros((rows, self.v.shape[1], columns, self.v.shape[3]))
-        k[:keep_rows, :, :keep_cols] = self.k[:keep_rows, :, :keep_cols]
-        v[:keep_rows, :, :keep_cols] = self.v[:keep_rows, :, :keep_cols]
+        if keep_rows and keep_cols:
+            k[:keep_rows, :, :keep_cols] = self.k[:keep_rows, :, :keep_cols]
+            v[:keep_rows, :, :keep_cols] = self.v[:keep_rows, :, :keep_cols]
         self.k, self.v = k, v
 
 
@@ -194,6 +197,11 @@ class SlotKV(Cache):
     @property
     def slabs(self) -> list[_SlotLayer]:
         return self.layers  # type: ignore[return-value]
+
+    def used(self, sliding: bool) -> tuple[int, int]:
+        """Rows in use, and the columns any of them uses in a window (`sliding`) or full-attention slab."""
+        held = self.counts if sliding else self.lengths
+        return len(held), max(held, default=0)
 
     def positions(self) -> float:
         """Cache positions the batch holds as attention reads it (rows x the longest row), averaged over
