@@ -158,3 +158,19 @@ def test_stream_interval_sends_the_first_token_at_once(model_dir: Path, solo: Ha
         got = h.run(chunks(h.engine))
     assert [n for n, _ in got] == [1, 4, 4, 4, 4, 4, 3]
     assert "".join(text for _, text in got) == want.text
+
+
+def test_compiled_decode_steps_equal_eager_ones(model_dir: Path, solo: Harness, caplog: Any) -> None:
+    """`--compile-decode on` (auto leaves a model this small eager): the decode steps run through a graph
+    compiled at load, with rows joining and leaving between steps, and every token equals the eager
+    engine's alone."""
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (24, 5, 17, 9, 30, 3)]
+    expected = [solo.alone(p, sp) for p, sp in zip(PROMPTS, params, strict=True)]
+    with caplog.at_level("INFO", logger="llmstack.engine.hf"):
+        with contextlib.contextmanager(harness)(model_dir, compile_decode="on") as h:
+            assert h.engine._batcher is not None and h.engine._batcher.compiled is not None
+            got = h.together(*((p, sp, 0.02 * i) for i, (p, sp) in enumerate(zip(PROMPTS, params, strict=True))))
+            assert h.max_rows >= 3
+    assert [r.ids for r in got] == [r.ids for r in expected]
+    assert any(r.message.startswith("decode steps run through a compiled graph") for r in caplog.records)
+    assert any(r.message.endswith("decode steps compiled") for r in caplog.records if "loaded in" in r.message)

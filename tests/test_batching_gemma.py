@@ -42,8 +42,8 @@ def batched(gemma_dir: Path, caplog_module: Any) -> Iterator[Harness]:
 
 @pytest.fixture(scope="module")
 def matmul(gemma_dir: Path) -> Iterator[Harness]:
-    """Batched, attention as two matmuls (what `auto` picks in bfloat16 on CPUs without AMX)."""
-    yield from harness(gemma_dir, attention_kernel="matmul")
+    """Batched, attention as two matmuls (what `auto` picks in bfloat16 on CPUs without AMX), decode eager."""
+    yield from harness(gemma_dir, attention_kernel="matmul", compile_decode="off")
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,9 @@ def caplog_module() -> Iterator[list[str]]:
 
 @pytest.fixture(scope="module")
 def solo(gemma_dir: Path) -> Iterator[Harness]:
-    """The reference: one sequence at a time, no prefix cache."""
-    yield from harness(gemma_dir, max_batch_size=1, prefix_caching=False)
+    """The reference: one sequence at a time, no prefix cache, every step eager (`batched` compiles its
+    decode steps: the default for a model this size)."""
+    yield from harness(gemma_dir, max_batch_size=1, prefix_caching=False, compile_decode="off")
 
 
 def _ids(h: Harness, text: str) -> list[int]:
@@ -81,13 +82,18 @@ def test_gemma_batches_and_says_how(batched: Harness, caplog_module: list[str]) 
     assert loaded and "3 full-attention and 15 sliding-window layers (window 512)" in loaded[-1]
     assert "prefix caching on" in loaded[-1]
     assert "attention decode sdpa, prefill sdpa" in loaded[-1]  # float32: SDPA, not timed
+    assert loaded[-1].endswith("decode steps compiled")  # auto, for 100M parameters outside the embeddings
+    assert any(line.startswith("decode steps run through a compiled graph (compiled in") for line in caplog_module)
 
 
 @pytest.mark.parametrize("kernel", ["auto", "matmul"])
 def test_bfloat16_attention_gives_the_models_answers(gemma_dir: Path, caplog_module: list[str], kernel: str) -> None:
     """auto: timed at load (on this machine's CPU, either kernel may win); matmul: asked for."""
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    with contextlib.contextmanager(harness)(gemma_dir, dtype="bfloat16", attention_kernel=kernel) as h:
+    compile_decode = "auto" if kernel == "auto" else "off"  # the default compiles its decode steps
+    with contextlib.contextmanager(harness)(
+        gemma_dir, dtype="bfloat16", attention_kernel=kernel, compile_decode=compile_decode
+    ) as h:
         loaded = [line for line in caplog_module if line.startswith("loaded in")]
         said = "timed at load" if kernel == "auto" else "decode matmul, prefill matmul (--attention-kernel)"
         assert said in loaded[-1]

@@ -54,6 +54,7 @@ TRANSFORMERS: dict[str, Any] = {
     "awq_wbits": 4,
     "awq_groupsize": 64,
     "attention_kernel": "matmul",
+    "compile_decode": "off",
 }
 VLLM: dict[str, Any] = {
     "backend": "vllm",

@@ -139,6 +139,15 @@ class WorkerOptions(BaseModel):
             instead="{engine_args} '{{\"attention_backend\": ...}}' (vLLM picks its own by default)",
         ),
     ] = "auto"
+    compile_decode: Annotated[
+        Literal["auto", "on", "off"],
+        Opt(
+            "Run the transformers engine's decode steps through a graph compiled with torch.compile (fewer, "
+            "fused ops: faster for small models on CPUs); auto: on CPUs, for models of 20M parameters or more.",
+            backend="transformers",
+            instead="{engine_args} '{{\"compilation_config\": ...}}' (vLLM compiles by default)",
+        ),
+    ] = "auto"
     seed: Annotated[int | None, Opt("Global random seed.", vllm="seed")] = None
     trust_remote_code: Annotated[
         bool, Opt("Run the model repository's own code (Baichuan2 needs it).", vllm="trust_remote_code")

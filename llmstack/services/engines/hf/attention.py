@@ -14,6 +14,9 @@ mask on CPU at no such cost (1.5 ms).  Where torch's fused CPU kernel is slow (b
 forward computes attention as two matmuls instead (`kernels`, chosen at load).  Layers that need what
 neither has (logit soft-capping, attention sinks) run the model's own eager attention with the same mask as
 an additive one.
+
+A compiled decode step (`compiled`) runs the model without a cache object: there this function writes the
+new keys/values into the slot cache itself, inside one opaque op per layer (`_write_and_attend`).
 """
 
 from __future__ import annotations
@@ -39,15 +42,15 @@ class Batched:
     """`with Batched(kv, kernels): model(...)` runs that forward with the masks of `kv`'s plan, computing
     attention with `kernels`."""
 
-    def __init__(self, kv: Any, kernels: AttentionKernels = SDPA_ONLY) -> None:
-        self.kv, self.kernels = kv, kernels
+    def __init__(self, kv: Any, kernels: AttentionKernels = SDPA_ONLY, writes: bool = False) -> None:
+        self.kv, self.kernels, self.writes = kv, kernels, writes
 
     def __enter__(self) -> Batched:
-        _active.kv, _active.kernels = self.kv, self.kernels
+        _active.kv, _active.kernels, _active.writes = self.kv, self.kernels, self.writes
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _active.kv, _active.kernels = None, SDPA_ONLY
+        _active.kv, _active.kernels, _active.writes = None, SDPA_ONLY, False
 
 
 def _plan_mask(module: Any) -> tuple[bool, torch.Tensor | None]:
@@ -68,17 +71,57 @@ def slot_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
+    special = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+    if torch.compiler.is_compiling():  # a compiled decode step (`compiled`): no cache object, written here
+        if special:  # the model's eager attention needs the module: run outside the graph (a graph break)
+            return _outside_the_graph(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return _write_and_attend(query, key, value, module.layer_idx, float(scale)), None
+    if getattr(_active, "writes", False):  # that forward, where it runs eagerly (outside its graph)
+        key, value = _active.kv.slabs[module.layer_idx].update(key, value)
     planned, mask = _plan_mask(module)
     if not planned:  # an ordinary forward (no batch plan): exactly transformers' SDPA
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+    if special:
         return _eager(module, query, key, value, mask, dropout, scaling, **kwargs)
+    return _attend(query, key, value, mask, dropout, scaling), None
+
+
+_outside_the_graph = torch.compiler.disable(slot_attention)
+
+
+@torch.library.custom_op("llmstack::write_and_attend", mutates_args=())
+def _write_and_attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float
+) -> torch.Tensor:
+    """One layer of a compiled forward (which runs without a cache object): write the new keys/values into
+    the active slot cache, then attend over its views.  Opaque to the compiler, so nothing the cache plans
+    per step (lengths, columns, masks) is traced, and the graph never recompiles as rows grow."""
+    kv = _active.kv
+    keys, values = kv.slabs[layer].update(key, value)
+    return _attend(query, keys, values, kv.plan.masks.for_window(kv.layout.windows[layer]), 0.0, scaling)
+
+
+@_write_and_attend.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float) -> torch.Tensor:
+    return query.new_empty((query.shape[0], query.shape[2], query.shape[1], value.shape[3]))
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Attention over the slot cache's views with the active kernels, as (rows, queries, heads, dim)."""
     kernel = _active.kernels.for_queries(query.shape[2])
     if kernel == Kernel.MATMUL and fits_matmul(query, key):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return matmul_attention(query, key, value, mask, scale).transpose(1, 2).contiguous(), None
+        return matmul_attention(query, key, value, mask, scale).transpose(1, 2).contiguous()
     groups, value_dtype = query.shape[1] // key.shape[1], value.dtype
     gqa = groups > 1
     if gqa and query.device.type != "cpu" and mask is not None:
@@ -94,7 +137,7 @@ def slot_attention(
     )
     if exact:
         out = out.to(value_dtype)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
 def _eager(

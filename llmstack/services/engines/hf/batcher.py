@@ -75,6 +75,15 @@ class Batcher:
         self.prefix = PrefixCache(self.layout) if prefix_caching else None
         self.window_keep = 2 * window  # window positions a prefix entry keeps (W - 1 needed, the rest slack)
         self.preemptions = 0
+        self.compiled: Any = None  # a compiled decode step (`compiled`), where the engine made one
+
+    def compile_decode(self) -> bool:
+        """Run decode steps through a compiled graph from now on (compiled here, on a scratch cache)."""
+        from llmstack.services.engines.hf.compiled import compile_decode
+
+        make = lambda: self._cache(self._decode_window)  # noqa: E731
+        self.compiled = compile_decode(self.host.model, self.how.kernels, make, self.host.device)
+        return self.compiled is not None
 
     def _cache(self, window_columns: int, rows: int = 4) -> SlotKV:
         return SlotKV(self.layout, self.how.specs, self.how.dtype, self.host.device, window_columns, rows)
@@ -249,8 +258,12 @@ class Batcher:
         rows, kv, device = self.running, self.decoding, self.host.device
         ids = torch.tensor([[seq.generated[-1]] for seq in rows], device=device)
         positions = torch.tensor([[n] for n in kv.lengths], device=device)
-        out = planned_forward(self.host.model, kv, ids, positions, [1] * len(rows), self.how.kernels)
-        sampled = sample_rows([seq.sampler for seq in rows], out.logits[:, -1])  # type: ignore[misc]
+        if self.compiled is not None:
+            logits = self.compiled(kv, ids, positions)
+        else:
+            logits = planned_forward(self.host.model, kv, ids, positions, [1] * len(rows), self.how.kernels).logits
+            logits = logits[:, -1]
+        sampled = sample_rows([seq.sampler for seq in rows], logits)  # type: ignore[misc]
         finished = [i for i, (seq, s) in enumerate(zip(rows, sampled, strict=True)) if self.host.accept(seq, s)]
         for i in reversed(finished):
             self._remember(rows[i], kv, i)

@@ -28,6 +28,8 @@ from typing import Any
 from llmstack.common.wire import SamplingParams, WorkerKind
 from llmstack.services.engines.base import Chunk, EngineStats, TemplatedEngine
 from llmstack.services.engines.hf.batcher import Batcher, BatchLimits
+from llmstack.services.engines.hf.compiled import CHOICES as COMPILE_CHOICES
+from llmstack.services.engines.hf.compiled import decoder_parameters, wanted
 from llmstack.services.engines.hf.grammar import Grammars
 from llmstack.services.engines.hf.kernels import Kernel
 from llmstack.services.engines.hf.lm_head import vocabulary_major_head
@@ -73,6 +75,8 @@ class HFEngine(TemplatedEngine):
             raise EngineConfigError("--max-batch-size and --max-batch-tokens must be at least 1")
         if cfg.attention_kernel not in tuple(Kernel):
             raise EngineConfigError(f"--attention-kernel {cfg.attention_kernel!r}: choose auto, sdpa or matmul")
+        if cfg.compile_decode not in COMPILE_CHOICES:
+            raise EngineConfigError(f"--compile-decode {cfg.compile_decode!r}: choose auto, on or off")
         self.cfg = cfg
         self.kind: WorkerKind = "chat"
         self.context_length = 2048
@@ -89,6 +93,8 @@ class HFEngine(TemplatedEngine):
         self._alone: Sequence | None = None  # the sequence of the sequential fallback
         self._batcher: Batcher | None = None
         self._batchable: Batchable | None = None
+        self._compiled = False  # decode steps through a compiled graph (`compiled`)
+        self._parameters = 0
         self._batched = True
         # Waiting = submitted - taken; each counter has one writer (event loop / engine thread), so
         # neither needs a lock (a shared `+=` from two threads could lose updates).
@@ -160,6 +166,7 @@ class HFEngine(TemplatedEngine):
         model.eval()
         self.model = model
         self.device = torch.device(plan.move_to or ("cpu" if device == "cpu" else model.device))
+        self._parameters = decoder_parameters(model)  # before packing empties the linears
         packed = pack_linear_weights(model, self.device)
         if packed:
             dtype = str(model.dtype).removeprefix("torch.")
@@ -194,7 +201,8 @@ class HFEngine(TemplatedEngine):
         return (
             f"batching up to {cfg.max_batch_size} sequences / {cfg.max_batch_tokens} cached tokens "
             f"({self._batchable.layout.describe()}), prefix caching {'on' if cfg.prefix_caching else 'off'}, "
-            f"attention {self._batchable.kernels.describe()}"
+            f"attention {self._batchable.kernels.describe()}, "
+            f"decode steps {'compiled' if self._compiled else 'eager'}"
         )
 
     def _batching_unsupported(self) -> str | None:
@@ -209,6 +217,8 @@ class HFEngine(TemplatedEngine):
         self._batchable = how
         limits = BatchLimits(self.cfg.max_batch_size, self.cfg.max_batch_tokens)
         self._batcher = Batcher(self, how, limits, self.cfg.prefix_caching)
+        if wanted(self.cfg.compile_decode, self._parameters, self.device):
+            self._compiled = self._batcher.compile_decode()
         return None
 
     async def close(self) -> None:

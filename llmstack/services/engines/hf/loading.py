@@ -35,6 +35,7 @@ class HFEngineConfig:
     max_batch_tokens: int = 16384  # KV-cache positions the batch may hold (rows x padded width)
     prefix_caching: bool = True  # reuse the cached keys/values of a prompt's already-seen prefix
     attention_kernel: str = "auto"  # auto | sdpa | matmul (`kernels`)
+    compile_decode: str = "auto"  # auto | on | off (`compiled`)
 
 
 @dataclass

@@ -20,8 +20,9 @@ non-CPU layer.
 
 from __future__ import annotations
 
-import functools
+import itertools
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -49,6 +50,38 @@ def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
 def packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, weight, bias)` from the weight's packed copy (`packed_weight`)."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+# A compiled graph (`compiled`) cannot take oneDNN's opaque tensors as inputs: there a packed linear is an
+# opaque op that finds its weight by number.  Weak values: the table never keeps an unloaded model's weights.
+_BY_NUMBER: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+_BIAS_BY_NUMBER: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+_numbers = itertools.count()
+
+
+@torch.library.custom_op("llmstack::packed_linear", mutates_args=())
+def _numbered_packed_linear(x: torch.Tensor, number: int, out_features: int) -> torch.Tensor:
+    return packed_linear(_BY_NUMBER[number], _BIAS_BY_NUMBER.get(number), x)
+
+
+@_numbered_packed_linear.register_fake
+def _(x: torch.Tensor, number: int, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> Any:
+    """A packed module's `forward`: oneDNN's product directly, or the numbered op inside a compiled graph."""
+    number = next(_numbers)
+    _BY_NUMBER[number] = packed
+    if bias is not None:
+        _BIAS_BY_NUMBER[number] = bias
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return _numbered_packed_linear(x, number, out_features)
+        return packed_linear(packed, bias, x)
+
+    return forward
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -134,7 +167,7 @@ def pack_linear_weights(model: Any, device: torch.device, timed: bool = True) ->
             log.warning("cannot prepack %s linear weights (%s): they stay in the plain layout", dtype, exc)
             return packed
         bias = module.bias.detach() if module.bias is not None else None
-        module.forward = functools.partial(packed_linear, blocked, bias)
+        module.forward = _packed_forward(blocked, bias, module.out_features)
         module.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
         packed += 1
     return packed
